@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 pub struct ChildGuard {
     name: String,
     child: Option<Child>,
+    stop_signal: Signal,
 }
 
 impl ChildGuard {
@@ -22,7 +23,14 @@ impl ChildGuard {
         let child = command
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {name} ({:?}): {e}", command.get_program()))?;
-        Ok(Self { name: name.to_owned(), child: Some(child) })
+        Ok(Self { name: name.to_owned(), child: Some(child), stop_signal: Signal::SIGTERM })
+    }
+
+    /// Stops the process with `signal` instead of SIGTERM (PostgreSQL's fast shutdown is
+    /// SIGINT, for example).
+    pub fn with_stop_signal(mut self, signal: Signal) -> Self {
+        self.stop_signal = signal;
+        self
     }
 
     /// The process id.
@@ -39,11 +47,11 @@ impl ChildGuard {
         }
     }
 
-    /// Sends SIGTERM to the process group and waits up to `grace` before SIGKILL.
+    /// Sends the stop signal to the process group and waits up to `grace` before SIGKILL.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else { return };
         let group = Pid::from_raw(child.id() as i32);
-        let _ = killpg(group, Signal::SIGTERM);
+        let _ = killpg(group, self.stop_signal);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
