@@ -1,1 +1,10 @@
-//! machines
+//! The Fly Machines API: typed bodies ([`types`]), an async client ([`client::FlyClient`])
+//! and a local emulator of the same API that runs every machine as a local process
+//! ([`emulator`], binary `fly-emulator`).
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod types;
+
+pub use client::{ClientOptions, FlyClient, FlyError, ListMachines, RetryPolicy};
