@@ -1,1 +1,66 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+//!
+//! `dev` runs the whole Matrix topology on this machine; `test` installs what the tests
+//! need and runs exactly what CI runs. One module per subcommand.
+
+mod dev;
+mod mcp_check;
+mod nix_checks;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and ship the Matrix deploy toolkit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole topology locally: PostgreSQL, an S3 server, the Fly Machines
+    /// emulator running real daemons, and the router on https://localhost:8443.
+    Dev(dev::Args),
+    /// Install what the tests need (on Debian as root), then fmt, clippy and every test.
+    Test(test::Args),
+    /// Check the MCP servers pinned in deploy/daemon/mcp offline (part of `test`).
+    McpCheck,
+    /// Parse and format-check every Nix file (part of `test`).
+    NixCheck,
+    /// Format every Nix file in place.
+    NixFmt,
+}
+
+fn main() -> anyhow::Result<()> {
+    load_dotenv()?;
+    let cli = Cli::parse();
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(project_root());
+
+    match cli.command {
+        Command::Dev(args) => dev::run(&sh, args),
+        Command::Test(args) => test::run(&sh, args),
+        Command::McpCheck => mcp_check::run(&sh),
+        Command::NixCheck => nix_checks::run(&sh),
+        Command::NixFmt => nix_checks::format(&sh),
+    }
+}
+
+/// The repository root (xtask lives one level below it).
+pub fn project_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_owned()
+}
+
+/// Reads `.env` from the repository root, if there is one; the environment wins.
+fn load_dotenv() -> anyhow::Result<()> {
+    match dotenvy::from_path(project_root().join(".env")) {
+        Ok(()) => Ok(()),
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::anyhow!(".env: {e}")),
+    }
+}

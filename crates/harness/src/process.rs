@@ -1,7 +1,7 @@
 //! Child processes that never outlive their handle.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command};
+use std::process::{Child, ChildStderr, ChildStdout, Command};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -31,6 +31,14 @@ impl ChildGuard {
     pub fn with_stop_signal(mut self, signal: Signal) -> Self {
         self.stop_signal = signal;
         self
+    }
+
+    /// Takes the child's piped stdout and stderr, for callers that forward its output.
+    pub fn take_output(&mut self) -> (Option<ChildStdout>, Option<ChildStderr>) {
+        match self.child.as_mut() {
+            Some(child) => (child.stdout.take(), child.stderr.take()),
+            None => (None, None),
+        }
     }
 
     /// The process id.
