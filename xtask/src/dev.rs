@@ -57,6 +57,9 @@ pub struct Args {
     /// Do not install missing programs; report them instead.
     #[arg(long)]
     no_install: bool,
+    /// Use the binaries already built in the target directory.
+    #[arg(long)]
+    no_build: bool,
 }
 
 /// Settings taken from the environment (or `.env`), with dev defaults.
@@ -99,10 +102,12 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     if !args.no_install {
         setup::ensure(sh, setup::DEV)?;
     }
-    say("building matrix-router, matrixd and fly-emulator");
-    cmd!(sh, "cargo build --quiet -p matrix-router -p matrixd -p machines --bins")
-        .run()
-        .context("building the binaries")?;
+    if !args.no_build {
+        say("building matrix-router, matrixd and fly-emulator");
+        cmd!(sh, "cargo build --quiet -p matrix-router -p matrixd -p machines --bins")
+            .run()
+            .context("building the binaries")?;
+    }
     let bin_dir = target_dir(&root).join("debug");
 
     if args.fresh && state.exists() {
