@@ -1,0 +1,48 @@
+# The scheduler's image (chronosd: scheduled wakes and deliveries).
+#
+# FIXME: chronosd does not exist yet; this image holds only the base system it will run
+# on, and gets the binary and its entrypoint when the crate lands.
+#
+# nixpkgs functions used here, checked against their source: none beyond the packages.
+# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+{
+  lib,
+  mkImage,
+  bash,
+  coreutils,
+  cacert,
+  tzdata,
+}: {
+  # The image tag; default null (mkImage's own default).
+  tag ? null,
+}: let
+  base = [bash coreutils cacert tzdata];
+in
+  mkImage {
+    name = "matrix-chronos";
+    inherit tag;
+
+    contents = base;
+
+    layers = [
+      {
+        name = "base";
+        contents = base;
+      }
+    ];
+
+    config = {
+      User = "1000:1000";
+      WorkingDir = "/data";
+      Env = [
+        "PATH=${lib.makeBinPath [bash coreutils]}"
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
+        "TZDIR=${tzdata}/share/zoneinfo"
+      ];
+    };
+
+    extraFiles = import ./lib/image-root.nix {
+      user = "chronos";
+      inherit bash coreutils cacert;
+    };
+  }

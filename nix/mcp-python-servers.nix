@@ -1,0 +1,71 @@
+# The Python MCP servers of the daemon image, installed offline from the wheels uv.lock pins.
+#
+# nixpkgs functions used here, checked against their source: `fetchurl`
+# (pkgs/build-support/fetchurl/default.nix: `url`, `sha256` as hex, `name`) and
+# `autoPatchelfHook`. The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could
+# not be fetched here; the newest copy that could be read takes these arguments.
+#
+# Steps:
+#   1. `lib/uv-lock-wheels.nix` picks one locked wheel per package for this system and
+#      this Python (evaluated for real by `cargo xtask test`);
+#   2. each wheel is a fixed-output `fetchurl` by the lock's own sha256;
+#   3. `uv venv` makes a virtualenv on nixpkgs' Python in `$out`, and `uv pip install
+#      --offline --no-index --no-deps` installs exactly those wheel files into it;
+#   4. the compiled extensions of manylinux wheels get their libraries from the store.
+{
+  lib,
+  stdenv,
+  fetchurl,
+  python3,
+  uv,
+  autoPatchelfHook,
+}: {
+  # The directory holding pyproject.toml and uv.lock; default: deploy/daemon/mcp.
+  lockDir ? ../deploy/daemon/mcp,
+}: let
+  project = lib.importTOML (lockDir + "/pyproject.toml");
+  lock = lib.importTOML (lockDir + "/uv.lock");
+
+  pythonTag = "cp${lib.replaceStrings ["."] [""] python3.pythonVersion}";
+
+  wheels =
+    import ./lib/uv-lock-wheels.nix {
+      inherit (stdenv.hostPlatform) system;
+      inherit pythonTag;
+    }
+    lock;
+
+  fetchWheel = wheel: {
+    inherit (wheel) file;
+    path = fetchurl {
+      inherit (wheel) url sha256;
+      name = wheel.file;
+    };
+  };
+
+  # uv reads a wheel's tags from its file name, so each one keeps its own name.
+  linkWheels = lib.concatMapStrings (wheel: ''
+    ln -s ${wheel.path} wheels/${wheel.file}
+  '') (map fetchWheel wheels);
+in
+  stdenv.mkDerivation {
+    pname = "matrix-mcp-python-servers";
+    inherit (project.project) version;
+
+    dontUnpack = true;
+
+    nativeBuildInputs = [uv autoPatchelfHook];
+    buildInputs = [(lib.getLib stdenv.cc.cc)];
+
+    installPhase = ''
+      runHook preInstall
+      export HOME="$TMPDIR" UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never UV_OFFLINE=1
+      mkdir wheels
+      ${linkWheels}
+      uv venv --python ${python3}/bin/python3 "$out"
+      VIRTUAL_ENV="$out" uv pip install --offline --no-index --no-deps wheels/*.whl
+      runHook postInstall
+    '';
+
+    meta.description = "The Python MCP servers the Matrix daemon image carries";
+  }
