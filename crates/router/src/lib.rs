@@ -1,1 +1,108 @@
-//! router
+//! `matrix-router`: the only public door of a Matrix deployment.
+//!
+//! A request is verified ([`auth`]), mapped to the user's machine ([`store`]), which is
+//! provisioned or woken as needed ([`fleet`]), and streamed to the daemon on it ([`proxy`]).
+//! [`start`] runs all of it on a bound socket, for `main` and for the tests.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod daemon_token;
+pub mod error;
+pub mod fleet;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod template;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("loading the TLS certificate")]
+    Tls(#[from] tls::TlsError),
+    #[error("preparing the database")]
+    Store(#[from] store::StoreError),
+    #[error("loading the machine template")]
+    Template(#[from] template::TemplateError),
+    #[error("configuring the Fly Machines API client")]
+    Fly(#[from] machines::FlyError),
+    #[error("binding {addr}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running router; dropping it stops accepting connections and the idle suspender.
+pub struct RunningRouter {
+    /// The bound address (the kernel's choice when the configured port was 0).
+    pub addr: SocketAddr,
+    /// SHA-256 fingerprint of the served certificate.
+    pub fingerprint: String,
+    pub metrics: Arc<metrics::Metrics>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningRouter {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Prepares everything (TLS, migrations, template, clients), binds, and serves.
+pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
+    // Two rustls providers are compiled into the workspace; the process must pick one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let tls = tls::load(&config.tls)?;
+    let store = store::Store::new(&config.database_url)?;
+    store.migrate().await?;
+    let template = template::MachineTemplate::load(&config.daemon.template)?;
+    let fly =
+        machines::FlyClient::new(&config.fly.api_url, &config.fly.api_token, &config.fly.app_name)?;
+
+    let metrics = Arc::new(metrics::Metrics::default());
+    let jwks = Arc::new(auth::JwksCache::new(config.auth.jwks_url.clone()));
+    let fleet = fleet::Fleet::new(fleet::FleetParts {
+        fly,
+        store,
+        template,
+        tokens: daemon_token::DaemonTokens::new(&config.daemon.token_secret),
+        daemon: config.daemon.clone(),
+        region: config.fly.region.clone(),
+        wake: config.wake.clone(),
+        metrics: metrics.clone(),
+    });
+    let state = Arc::new(service::AppState {
+        auth: auth::Authenticator::new(&config.auth, jwks),
+        fleet: fleet.clone(),
+        upstream: proxy::Upstream::new(&config.limits),
+        metrics: metrics.clone(),
+        wake_token: config.wake_token.clone(),
+        admin_token: config.admin_token.clone(),
+        max_body_bytes: config.limits.max_body_bytes,
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.listen_addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: config.listen_addr, source })?;
+
+    let serve = server::serve(listener, tls.config, state, config.limits.clone());
+    let tasks = vec![tokio::spawn(serve), tokio::spawn(fleet.run_idle_suspender())];
+    Ok(RunningRouter { addr, fingerprint: tls.fingerprint, metrics, tasks })
+}

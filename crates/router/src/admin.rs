@@ -1,0 +1,104 @@
+//! `/admin/users`: list, get, provision and deprovision users' machines.
+//!
+//! Bearer `ROUTER_ADMIN_TOKEN`; with no token configured the routes do not exist (404).
+//!
+//! - `GET /admin/users`: every record
+//! - `GET /admin/users/{id}`: one record with the machine's current state
+//! - `POST /admin/users/{id}`: provision (idempotent)
+//! - `DELETE /admin/users/{id}`: destroy the machine and the volume, then the record
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use uuid::Uuid;
+
+use crate::body::RouterBody;
+use crate::error::ApiError;
+use crate::fleet::error_chain;
+use crate::service::{method_not_allowed, ok_json, require_bearer, AppState};
+
+pub async fn handle(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<RouterBody>, ApiError> {
+    let Some(expected) = state.admin_token.as_deref() else { return Err(ApiError::not_found()) };
+    require_bearer(req.headers(), expected)?;
+
+    let path = req.uri().path().trim_end_matches('/');
+    let user = match path.strip_prefix("/admin/users") {
+        Some("") => None,
+        Some(rest) => Some(parse_user(rest.trim_start_matches('/'))?),
+        None => return Err(ApiError::not_found()),
+    };
+    match (req.method().clone(), user) {
+        (Method::GET, None) => {
+            let users = state.fleet.list().await?;
+            Ok(ok_json(serde_json::json!({ "users": users })))
+        }
+        (Method::GET, Some(user)) => get(state, user).await,
+        (Method::POST, Some(user)) => {
+            let record = state.fleet.provision(user).await?;
+            Ok(ok_json(serde_json::json!({ "user": record })))
+        }
+        (Method::DELETE, Some(user)) => deprovision(state, user).await,
+        _ => Err(method_not_allowed()),
+    }
+}
+
+fn parse_user(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::client(StatusCode::BAD_REQUEST, "bad_user_id", "not a user id"))
+}
+
+async fn get(state: &AppState, user: Uuid) -> Result<Response<RouterBody>, ApiError> {
+    let record =
+        state.fleet.store().get(user).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+    let Some(record) = record else {
+        return Err(ApiError::client(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            "no machine for this user",
+        ));
+    };
+    let machine_state = match state.fleet.fly().get_machine(&record.machine_id).await {
+        Ok(machine) => machine.state.as_str().to_owned(),
+        Err(e) => format!("unknown ({})", e.status().map(|s| s.as_u16()).unwrap_or(0)),
+    };
+    Ok(ok_json(serde_json::json!({ "user": record, "machine_state": machine_state })))
+}
+
+async fn deprovision(state: &AppState, user: Uuid) -> Result<Response<RouterBody>, ApiError> {
+    let store = state.fleet.store();
+    let record = store.get(user).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+    let Some(record) = record else {
+        return Err(ApiError::client(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            "no machine for this user",
+        ));
+    };
+    let fly = state.fleet.fly();
+    let gone = |e: &machines::FlyError| e.is_not_found();
+    let fly_failed = |e: machines::FlyError| {
+        ApiError::upstream(StatusCode::BAD_GATEWAY, "fly_api_failed", error_chain(&e))
+    };
+    // Machine first: a volume cannot be destroyed while mounted.
+    if let Err(e) = fly.delete_machine(&record.machine_id, true, None).await {
+        if !gone(&e) {
+            return Err(fly_failed(e));
+        }
+    }
+    state.fleet.forget_ready(&record.machine_id);
+    if !record.volume_id.is_empty() {
+        // FIXME: Fly keeps a volume bound until the machine's destroy finishes; a failure here
+        // leaves an orphan volume that only an operator removes.
+        if let Err(e) = fly.delete_volume(&record.volume_id).await {
+            if !gone(&e) {
+                tracing::warn!(volume.id = %record.volume_id, error = %error_chain(&e), "volume not deleted");
+            }
+        }
+    }
+    store.delete(user).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+    Ok(ok_json(serde_json::json!({ "deleted": record })))
+}

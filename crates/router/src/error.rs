@@ -1,0 +1,98 @@
+//! The one place where a failure becomes a status code, a JSON body and a log level.
+//!
+//! Every error that reaches a client is an [`ApiError`]: its [`Fault`] is decided where the
+//! error is made (who is at fault), and [`ApiError::into_response`] maps it in one step.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{full, RouterBody};
+
+/// Who caused a failure; decides the log level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something wrong (4xx, logged at debug).
+    Client,
+    /// The user's machine or the Fly API failed (502/503/504, logged at warn).
+    Upstream,
+    /// The router itself failed (500, logged at error).
+    Internal,
+}
+
+/// An error answered to a client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub fault: Fault,
+    /// Short machine-readable code, e.g. `invalid_token`.
+    pub code: &'static str,
+    /// Human-readable text; never contains a token.
+    pub message: String,
+    /// Sent as `Retry-After` when set.
+    pub retry_after: Option<Duration>,
+    /// Sent as `WWW-Authenticate` on 401.
+    pub www_authenticate: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, fault: Fault, code: &'static str, message: String) -> Self {
+        Self { status, fault, code, message, retry_after: None, www_authenticate: None }
+    }
+
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, Fault::Client, code, message.into())
+    }
+
+    pub fn upstream(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, Fault::Upstream, code, message.into())
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, Fault::Internal, "internal", message.into())
+    }
+
+    /// A 401 with the `WWW-Authenticate` challenge RFC 6750 asks for.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        let mut err = Self::client(StatusCode::UNAUTHORIZED, "invalid_token", message);
+        err.www_authenticate = Some("Bearer realm=\"matrix\", error=\"invalid_token\"");
+        err
+    }
+
+    pub fn not_found() -> Self {
+        Self::client(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Logs the error at the level its fault calls for, and turns it into a response.
+    pub fn into_response(self) -> Response<RouterBody> {
+        match self.fault {
+            Fault::Client => {
+                tracing::debug!(status = self.status.as_u16(), code = self.code, error = %self.message, "request refused")
+            }
+            Fault::Upstream => {
+                tracing::warn!(status = self.status.as_u16(), code = self.code, error = %self.message, "upstream failure")
+            }
+            Fault::Internal => {
+                tracing::error!(status = self.status.as_u16(), code = self.code, error = %self.message, "request could not be served")
+            }
+        }
+        let body = serde_json::json!({ "error": self.code, "message": self.message });
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(challenge) = self.www_authenticate {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        if let Some(after) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        }
+        response
+    }
+}

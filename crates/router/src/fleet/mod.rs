@@ -1,0 +1,196 @@
+//! The user's machine: found, provisioned when missing, woken when not running, suspended
+//! when idle.
+//!
+//! - Provisioning happens once per user across replicas: a PostgreSQL advisory lock per user
+//!   serialises it, and a machine already carrying the user's metadata is adopted rather than
+//!   created again (the lock holder may have crashed after Fly created it).
+//! - Concurrent requests for one machine share one wake; the number of requests waiting on
+//!   wakes is bounded.
+//! - Traffic over the private network bypasses Fly's proxy and its autostop, so this module
+//!   suspends a machine itself after `ROUTER_IDLE_SUSPEND_SECS` with no request and no open
+//!   stream.
+
+mod activity;
+mod provision;
+mod wake;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use machines::FlyClient;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+pub use activity::ActivityGuard;
+use activity::ActivityTable;
+use wake::SharedWake;
+
+use crate::config::{DaemonConfig, WakeConfig};
+use crate::daemon_token::DaemonTokens;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, UserMachine};
+use crate::template::MachineTemplate;
+
+/// Everything the fleet needs, built once at start.
+pub struct FleetParts {
+    pub fly: FlyClient,
+    pub store: Store,
+    pub template: MachineTemplate,
+    pub tokens: DaemonTokens,
+    pub daemon: DaemonConfig,
+    pub region: String,
+    pub wake: WakeConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where to send a user's request.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub machine_id: String,
+    pub addr: SocketAddr,
+    /// How long this request waited for a wake, when it did.
+    pub waited: Option<Duration>,
+}
+
+pub struct Fleet {
+    fly: FlyClient,
+    store: Store,
+    template: MachineTemplate,
+    tokens: DaemonTokens,
+    daemon: DaemonConfig,
+    region: String,
+    wake: WakeConfig,
+    metrics: Arc<Metrics>,
+    wakes: Mutex<HashMap<String, SharedWake>>,
+    provisioning: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    pending_wakes: Semaphore,
+    activity: Arc<ActivityTable>,
+    health: reqwest::Client,
+}
+
+impl Fleet {
+    pub fn new(parts: FleetParts) -> Arc<Self> {
+        let health = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("static reqwest configuration");
+        Arc::new(Self {
+            pending_wakes: Semaphore::new(parts.wake.max_pending_wakes),
+            activity: Arc::new(ActivityTable::new(parts.metrics.clone())),
+            fly: parts.fly,
+            store: parts.store,
+            template: parts.template,
+            tokens: parts.tokens,
+            daemon: parts.daemon,
+            region: parts.region,
+            wake: parts.wake,
+            metrics: parts.metrics,
+            wakes: Mutex::new(HashMap::new()),
+            provisioning: Mutex::new(HashMap::new()),
+            health,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn fly(&self) -> &FlyClient {
+        &self.fly
+    }
+
+    /// The daemon token of a user's machine.
+    pub fn daemon_token(&self, user_id: Uuid) -> String {
+        self.tokens.for_user(user_id)
+    }
+
+    /// The user's ready machine: provisioned if missing, woken if not running.
+    pub async fn target(self: &Arc<Self>, user_id: Uuid) -> Result<Target, ApiError> {
+        let record = match self.store.get(user_id).await.map_err(store_failed)? {
+            Some(record) => record,
+            None => self.provision(user_id).await?,
+        };
+
+        if let Some(addr) = self.activity.ready_addr(&record.machine_id) {
+            return Ok(Target { machine_id: record.machine_id, addr, waited: None });
+        }
+
+        let Ok(_permit) = self.pending_wakes.try_acquire() else {
+            return Err(ApiError::upstream(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_wakes",
+                "too many requests are waiting for machines to wake",
+            )
+            .with_retry_after(Duration::from_secs(2)));
+        };
+        let started = std::time::Instant::now();
+        let addr = self.shared_wake(&record.machine_id).await.map_err(ApiError::from)?;
+        Ok(Target { machine_id: record.machine_id, addr, waited: Some(started.elapsed()) })
+    }
+
+    /// A guard counting one request or stream as activity on `machine_id`.
+    pub fn activity(&self, machine_id: &str) -> ActivityGuard {
+        self.activity.enter(machine_id)
+    }
+
+    /// Forgets that a machine is ready (the daemon did not answer).
+    pub fn forget_ready(&self, machine_id: &str) {
+        self.activity.mark_not_ready(machine_id);
+    }
+
+    /// Suspends machines idle for longer than the configured time; runs until dropped.
+    pub async fn run_idle_suspender(self: Arc<Self>) {
+        let idle = self.wake.idle_suspend;
+        let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            for machine_id in self.activity.take_idle(idle) {
+                self.suspend_idle(&machine_id).await;
+            }
+        }
+    }
+
+    async fn suspend_idle(&self, machine_id: &str) {
+        match self.fly.suspend_machine(machine_id, None).await {
+            Ok(()) => {
+                self.metrics.suspended();
+                tracing::debug!(machine.id = machine_id, "suspended an idle machine");
+            }
+            // A machine that is not running any more needs no suspend.
+            Err(e) if e.is_precondition_failed() => {
+                tracing::debug!(machine.id = machine_id, error = %e, "idle machine not suspended")
+            }
+            Err(e) => {
+                tracing::warn!(machine.id = machine_id, error = %e, "suspending an idle machine failed")
+            }
+        }
+    }
+
+    /// All records (admin).
+    pub async fn list(&self) -> Result<Vec<UserMachine>, ApiError> {
+        self.store.list().await.map_err(store_failed)
+    }
+}
+
+fn store_failed(e: StoreError) -> ApiError {
+    ApiError::internal(format!("database: {}", error_chain(&e)))
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

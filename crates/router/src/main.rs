@@ -1,0 +1,56 @@
+//! `matrix-router`: reads its configuration from the environment and serves until SIGINT or
+//! SIGTERM. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for bad configuration (sysexits `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,matrix_router=info")),
+        )
+        .init();
+
+    let config = match matrix_router::config::Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("matrix-router: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let self_signed = config.tls == matrix_router::config::TlsSource::SelfSigned;
+
+    let router = match matrix_router::start(config).await {
+        Ok(router) => router,
+        Err(e) => {
+            eprintln!("matrix-router: {:#}", anyhow::Error::from(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), listen.addr = %router.addr, "matrix-router started");
+    if self_signed {
+        tracing::info!(sha256 = %router.fingerprint, "serving a self-signed certificate (dev mode)");
+    }
+    println!("matrix-router listening on https://{}", router.addr);
+
+    shutdown_signal().await;
+    tracing::info!("matrix-router shutting down");
+    // FIXME: open streams are cut instead of drained.
+    drop(router);
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,246 @@
+//! User -> machine records in PostgreSQL.
+//!
+//! Migrations are embedded and applied at start under a session advisory lock, so replicas
+//! that start together apply each one once. Provisioning serialises per user with
+//! [`Store::lock_user`], an advisory lock held on a dedicated connection.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+/// Embedded migrations, applied in order; the number is the schema version.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_user_machines.sql"))];
+
+/// Advisory lock key for migrations ("matrix-router migrations").
+const MIGRATION_LOCK: i64 = 0x6d61_7472_6978_0001;
+
+const POOL_SIZE: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DATABASE_URL is not a valid PostgreSQL URL")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("building the connection pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+    #[error("getting a database connection")]
+    Connect(#[source] deadpool_postgres::PoolError),
+    #[error("applying migration {version}")]
+    Migrate { version: i32, source: tokio_postgres::Error },
+    #[error("{operation}")]
+    Query { operation: &'static str, source: tokio_postgres::Error },
+}
+
+/// A user's machine and volume.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UserMachine {
+    pub user_id: Uuid,
+    pub machine_id: String,
+    pub volume_id: String,
+    pub region: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// A per-user advisory lock. `release` returns the connection; dropping the guard without it
+/// closes the connection, which releases the lock on the server.
+pub struct UserLock {
+    conn: Option<Object>,
+    key: String,
+}
+
+impl Store {
+    /// A pool for `url`; no connection is made yet.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let pg_config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(StoreError::Pool)?;
+        Ok(Self { pool })
+    }
+
+    async fn conn(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(StoreError::Connect)
+    }
+
+    /// Applies every migration not applied yet, under an advisory lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        let query = |operation| move |source| StoreError::Query { operation, source };
+        conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(query("taking the migration lock"))?;
+        let result = apply_migrations(&conn).await;
+        // Unlock even after a failure; the session ends with the connection anyway.
+        let _ = conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+        result
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|source| StoreError::Query { operation: "pinging the database", source })
+    }
+
+    pub async fn get(&self, user_id: Uuid) -> Result<Option<UserMachine>, StoreError> {
+        read_user(&*self.conn().await?, user_id).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<UserMachine>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT user_id, machine_id, volume_id, region FROM user_machines ORDER BY created_at",
+                &[],
+            )
+            .await
+            .map_err(|source| StoreError::Query { operation: "listing machines", source })?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// Records a user's machine; a second insert for the same user keeps the first record.
+    pub async fn insert(&self, record: &UserMachine) -> Result<UserMachine, StoreError> {
+        let conn = self.conn().await?;
+        insert_user(&conn, record).await?;
+        Ok(read_user(&conn, record.user_id).await?.unwrap_or_else(|| record.clone()))
+    }
+
+    pub async fn delete(&self, user_id: Uuid) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute("DELETE FROM user_machines WHERE user_id = $1", &[&user_id])
+            .await
+            .map_err(|source| StoreError::Query {
+                operation: "deleting a user's machine",
+                source,
+            })?;
+        Ok(n > 0)
+    }
+
+    /// Waits for the per-user lock that serialises provisioning across replicas.
+    pub async fn lock_user(&self, user_id: Uuid) -> Result<UserLock, StoreError> {
+        let conn = self.conn().await?;
+        let key = format!("matrix-router:user:{user_id}");
+        conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .await
+            .map_err(|source| StoreError::Query { operation: "locking a user", source })?;
+        Ok(UserLock { conn: Some(conn), key })
+    }
+}
+
+impl UserLock {
+    /// The user's record, read on the locked connection.
+    pub async fn get(&self, user_id: Uuid) -> Result<Option<UserMachine>, StoreError> {
+        let conn = self.conn.as_ref().expect("lock connection held until release");
+        read_user(conn, user_id).await
+    }
+
+    /// Records the user's machine on the locked connection.
+    pub async fn insert(&self, record: &UserMachine) -> Result<UserMachine, StoreError> {
+        let conn = self.conn.as_ref().expect("lock connection held until release");
+        insert_user(conn, record).await?;
+        Ok(read_user(conn, record.user_id).await?.unwrap_or_else(|| record.clone()))
+    }
+
+    pub async fn release(mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        let unlocked =
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&self.key]).await;
+        if unlocked.is_err() {
+            // Close the session so the server drops the lock.
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Drop for UserLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+async fn apply_migrations(conn: &Object) -> Result<(), StoreError> {
+    conn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS router_schema_migrations (
+             version    integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|source| StoreError::Migrate { version: 0, source })?;
+
+    for (version, sql) in MIGRATIONS {
+        let applied = conn
+            .query_opt("SELECT 1 FROM router_schema_migrations WHERE version = $1", &[version])
+            .await
+            .map_err(|source| StoreError::Migrate { version: *version, source })?
+            .is_some();
+        if applied {
+            continue;
+        }
+        let statements = format!(
+            "BEGIN; {sql}; INSERT INTO router_schema_migrations (version) VALUES ({version}); COMMIT;"
+        );
+        if let Err(source) = conn.batch_execute(&statements).await {
+            let _ = conn.batch_execute("ROLLBACK").await;
+            return Err(StoreError::Migrate { version: *version, source });
+        }
+        tracing::info!(version, "applied migration");
+    }
+    Ok(())
+}
+
+async fn read_user(
+    conn: &tokio_postgres::Client,
+    user_id: Uuid,
+) -> Result<Option<UserMachine>, StoreError> {
+    let row = conn
+        .query_opt(
+            "SELECT user_id, machine_id, volume_id, region FROM user_machines WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await
+        .map_err(|source| StoreError::Query { operation: "reading a user's machine", source })?;
+    Ok(row.map(|r| from_row(&r)))
+}
+
+async fn insert_user(
+    conn: &tokio_postgres::Client,
+    record: &UserMachine,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO user_machines (user_id, machine_id, volume_id, region)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO NOTHING",
+        &[&record.user_id, &record.machine_id, &record.volume_id, &record.region],
+    )
+    .await
+    .map(drop)
+    .map_err(|source| StoreError::Query { operation: "recording a user's machine", source })
+}
+
+fn from_row(row: &tokio_postgres::Row) -> UserMachine {
+    UserMachine {
+        user_id: row.get(0),
+        machine_id: row.get(1),
+        volume_id: row.get(2),
+        region: row.get(3),
+    }
+}

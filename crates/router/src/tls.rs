@@ -1,0 +1,82 @@
+//! The listener's TLS configuration: certificate files, or a self-signed one in dev mode.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
+
+use crate::config::TlsSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{} holds no PEM private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error("generating a self-signed certificate")]
+    SelfSigned(#[source] rcgen::Error),
+    #[error("the certificate and key do not make a TLS configuration")]
+    Config(#[source] rustls::Error),
+}
+
+/// A server configuration with ALPN `h2` and `http/1.1`, and the leaf's SHA-256 fingerprint.
+pub struct Tls {
+    pub config: Arc<ServerConfig>,
+    pub fingerprint: String,
+}
+
+pub fn load(source: &TlsSource) -> Result<Tls, TlsError> {
+    let (chain, key) = match source {
+        TlsSource::Files { cert, key } => (read_chain(cert)?, read_key(key)?),
+        TlsSource::SelfSigned => self_signed()?,
+    };
+    let fingerprint = fingerprint(&chain[0]);
+
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Tls { config: Arc::new(config), fingerprint })
+}
+
+/// Uppercase hex pairs joined by colons, as browsers show it.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = Sha256::digest(cert.as_ref());
+    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file = std::fs::File::open(path)
+        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    let chain = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let file = std::fs::File::open(path)
+        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?
+        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
+}
+
+fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).map_err(TlsError::SelfSigned)?;
+    let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+    Ok((vec![certified.cert.der().clone()], key.into()))
+}
