@@ -133,7 +133,8 @@ pub fn run(sh: &Shell) -> Result<()> {
         data: temp.path().join("data"),
         logs: temp.path().join("logs"),
     };
-    for dir in [&prefix.mcp, &prefix.logs, &prefix.data.join("workspace"), &prefix.data.join("cortex")]
+    for dir in
+        [&prefix.mcp, &prefix.logs, &prefix.data.join("workspace"), &prefix.data.join("cortex")]
     {
         sh.create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -401,7 +402,10 @@ impl McpProcess {
             if let Some(error) = message.get("error") {
                 bail!("`{method}` failed: {error}");
             }
-            return message.get("result").cloned().with_context(|| format!("`{method}`: no result"));
+            return message
+                .get("result")
+                .cloned()
+                .with_context(|| format!("`{method}`: no result"));
         }
     }
 

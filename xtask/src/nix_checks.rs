@@ -57,8 +57,7 @@ pub fn format(_sh: &Shell) -> Result<()> {
     let root = project_root();
     for file in nix_files(&root)? {
         let path = root.join(&file);
-        let before =
-            std::fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
+        let before = std::fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
         match alejandra::format::in_memory(file.clone(), before) {
             (alejandra::format::Status::Error(err), _) => bail!("{file}: {err}"),
             (alejandra::format::Status::Changed(false), _) => {}
