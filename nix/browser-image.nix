@@ -3,8 +3,7 @@
 # FIXME: the browser gateway (one fresh browser per session, optional bearer auth) does not
 # exist yet, so this image has no entrypoint; it carries what the gateway will need.
 #
-# nixpkgs functions used here, checked against their source: none beyond the packages.
-# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# No nixpkgs function is called here beyond `lib.makeBinPath`; only packages are used.
 {
   lib,
   mkImage,

@@ -3,8 +3,7 @@
 # FIXME: chronosd does not exist yet; this image holds only the base system it will run
 # on, and gets the binary and its entrypoint when the crate lands.
 #
-# nixpkgs functions used here, checked against their source: none beyond the packages.
-# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# No nixpkgs function is called here beyond `lib.makeBinPath`; only packages are used.
 {
   lib,
   mkImage,

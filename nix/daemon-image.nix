@@ -2,9 +2,8 @@
 # need, the servers themselves, the skill corpus and the agent manifests. Nothing is
 # installed when the container starts.
 #
-# nixpkgs functions used here, checked against their source: `lib.makeBinPath`. The pinned
-# revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here. The image
-# itself is made by this repository's `lib/mk-image.nix`, built for real by the tests.
+# No nixpkgs function is called here beyond `lib.makeBinPath`; only packages are used. The
+# image itself is made by this repository's `lib/mk-image.nix`, built for real by the tests.
 #
 # Layers, bottom up: the base system, the language runtimes, the MCP servers (rarely
 # change, reused from the store and the registry), then matrixd and the entrypoint on top.

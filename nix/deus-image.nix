@@ -4,8 +4,7 @@
 # not exist yet; this image holds the base system and the PostgreSQL client it will use,
 # and gets the binary, migrations and configs when they land.
 #
-# nixpkgs functions used here, checked against their source: none beyond the packages.
-# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# No nixpkgs function is called here beyond `lib.makeBinPath`; only packages are used.
 {
   lib,
   mkImage,

@@ -1,8 +1,10 @@
 # `nix develop`: everything `cargo xtask test` and `cargo xtask dev` run, from nixpkgs.
 #
-# nixpkgs functions used here, checked against their source: `mkShell` (pkgs/build-support/
-# mkshell: `packages`, `inputsFrom`, `shellHook`) and `writeShellScriptBin`. The pinned
-# revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `mkShell { packages, ... }`: pkgs/build-support/mkshell/default.nix at
+#   07c91341fd6e5f2ca8d0a6d62e6d0e1ecc94283d (extra attributes become environment variables);
+# - `writeShellScriptBin name text`: pkgs/build-support/trivial-builders.
 {
   mkShell,
   writeShellScriptBin,

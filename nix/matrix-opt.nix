@@ -1,8 +1,8 @@
 # The daemon image's /opt/matrix: the MCP servers, the skill corpus and the agent manifests.
 #
-# nixpkgs functions used here, checked against their source: `runCommand` (name, env,
-# script) from pkgs/build-support/trivial-builders. The pinned revision
-# (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `runCommand name env script`: pkgs/build-support/trivial-builders.
 #
 # The image links /opt/matrix to this output. Layout (the agent manifests name these paths):
 #   mcp/npm/node_modules/.bin/mcp-server-{filesystem,memory,sequential-thinking}

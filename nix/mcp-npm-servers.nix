@@ -1,11 +1,15 @@
 # The npm MCP servers of the daemon image, installed from package-lock.json.
 #
-# nixpkgs functions used here, checked against their source: `importNpmLock` and
-# `importNpmLock.npmConfigHook` (pkgs/build-support/node/import-npm-lock/default.nix and
-# hooks/). The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be
-# fetched here; the newest copy that could be read defines
-# `importNpmLock { npmRoot ? null, package ?, packageLock ?, pname ?, version ? }` and a
-# config hook that needs `npmDeps` and runs after the configure phase.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `importNpmLock { npmRoot ? null, package ?, packageLock ?, pname ?, version ? }`:
+#   pkgs/build-support/node/import-npm-lock/default.nix at
+#   3022f7ac2e8e18805cca52dc68599a3c5ad8afe9 (each `resolved` URL becomes `fetchurl` by
+#   the lock's `integrity`);
+# - `importNpmLock.npmConfigHook`: hooks/default.nix at a7e6638a40891e62d71064708fa596cb17eb868d
+#   and hooks/npm-config-hook.sh at 9c717eacce68ed71efa843789f6ed363acd5a770 (needs
+#   `npmDeps`, runs after the configure phase, `npm install --ignore-scripts` offline,
+#   `npm rebuild`, then patches shebangs).
 #
 # Steps:
 #   1. `importNpmLock` turns every `resolved` URL of the lock into a fixed-output `fetchurl`

@@ -1,9 +1,12 @@
 # The Python MCP servers of the daemon image, installed offline from the wheels uv.lock pins.
 #
-# nixpkgs functions used here, checked against their source: `fetchurl`
-# (pkgs/build-support/fetchurl/default.nix: `url`, `sha256` as hex, `name`) and
-# `autoPatchelfHook`. The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could
-# not be fetched here; the newest copy that could be read takes these arguments.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `fetchurl { url, sha256, name }`: pkgs/build-support/fetchurl/default.nix (a stored copy
+#   with `hash`/`sha256`/`name`; `sha256` accepts the lock's hex digest);
+# - `autoPatchelfHook` is only added as a setup hook, with no arguments.
+#   FIXME: its source was not read here, and whether the wheels' compiled extensions load
+#   under nixpkgs' Python was only tried outside Nix.
 #
 # Steps:
 #   1. `lib/uv-lock-wheels.nix` picks one locked wheel per package for this system and

@@ -1,10 +1,12 @@
 # One binary of the Rust workspace, built by nixpkgs' Rust builder from Cargo.lock.
 #
-# nixpkgs functions used here, checked against their source: `rustPlatform.buildRustPackage`
-# (pkgs/build-support/rust/build-rust-package/default.nix) and `lib.fileset`. The pinned
-# revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here; the newest
-# copy that could be read takes the arguments used below (pname, version, src, cargoLock,
-# cargoBuildFlags, nativeBuildInputs, doCheck, meta) with the same meaning.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `rustPlatform.buildRustPackage`: pkgs/build-support/rust/build-rust-package/default.nix,
+#   read at 1666f82b5d4eaeebab97fad801823d56febe5f3f and in a newer stored copy (the one
+#   with `cargoDeps` and `useFetchCargoVendor`): `cargoLock` goes to `importCargoLock`,
+#   other attributes (`cargoBuildFlags`, `doCheck`, `meta`, ...) pass to `mkDerivation`;
+# - `lib.fileset.toSource { root, fileset }` and `lib.fileset.unions`: lib/fileset.
 #
 # Steps:
 #   1. take only what cargo reads (manifests, the lock, crate sources) so that editing a

@@ -7,9 +7,12 @@
 # for byte. `index.json` is left out: with no `tag`, its ref name is the output's own hash,
 # which differs by construction; the manifest it points to is a blob and is compared.
 #
-# nixpkgs functions used here, checked against their source: `lib.overrideDerivation`
-# (lib/customisation.nix: rebuilds any derivation from its `drvAttrs`) and `runCommand`.
-# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `lib.overrideDerivation drv f`: lib/customisation.nix at
+#   00976b194fe32d3e425ff3b457eeb6e4ec7ba12c (`derivation (drv.drvAttrs // f drv)`, so it
+#   works on mkImage's plain derivations);
+# - `runCommand name env script`: pkgs/build-support/trivial-builders.
 {
   lib,
   runCommand,

@@ -1,8 +1,9 @@
 # The check that runs the whole workspace's tests, with the real programs they start.
 #
-# nixpkgs functions used here, checked against their source: `rustPlatform.buildRustPackage`
-# (`cargoLock`, `cargoBuildFlags`, `cargoTestFlags`, `nativeCheckInputs`, `doCheck`).
-# The pinned revision (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here.
+# The pinned nixpkgs (8fd9daa3db09ced9700431c5b7ad0e8ba199b575) could not be fetched here;
+# each call was checked against the source at the revision named beside it.
+# - `rustPlatform.buildRustPackage` as in ../workspace-binary.nix; `cargoTestFlags` and
+#   `nativeCheckInputs` pass to `mkDerivation` and the cargo check hook.
 #
 # Tests that need a program the sandbox cannot run (Nix itself, a browser) skip loudly:
 # `CI` is not set here. `cargo xtask test` runs them all on a machine with those programs.

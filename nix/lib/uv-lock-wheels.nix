@@ -16,7 +16,20 @@
   # (nixpkgs' python3 at the pinned revision).
   pythonTag ? "cp313",
 }: lock: let
-  inherit (builtins) any compareVersions elemAt filter head length match split stringLength substring throw;
+  inherit
+    (builtins)
+    any
+    compareVersions
+    elemAt
+    filter
+    head
+    length
+    match
+    split
+    stringLength
+    substring
+    throw
+    ;
 
   parts = separator: text: filter builtins.isString (split separator text);
   last = list: elemAt list (length list - 1);
@@ -37,10 +50,17 @@
 
   isManylinuxForArch = platform: match "manylinux.*_${arch}" platform != null;
 
-  isPure = tags: tags.abi == "none" && tags.platforms == ["any"] && any (tag: tag == "py3") tags.python;
+  isPure = tags:
+    tags.abi
+    == "none"
+    && tags.platforms == ["any"]
+    && any (tag: tag == "py3") tags.python;
 
   isForThisPython = tags:
-    tags.abi == pythonTag && any (tag: tag == pythonTag) tags.python && any isManylinuxForArch tags.platforms;
+    tags.abi
+    == pythonTag
+    && any (tag: tag == pythonTag) tags.python
+    && any isManylinuxForArch tags.platforms;
 
   isAbi3 = tags: let
     minors = filter (minor: minor != null) (map (match "cp3([0-9]+)") tags.python);
@@ -58,7 +78,7 @@
     chosen = head candidates;
   in
     if candidates == []
-    then throw "uv.lock: no locked wheel of ${package.name} ${package.version} fits ${system} with ${pythonTag}"
+    then throw "uv.lock: no wheel of ${package.name} ${package.version} for ${system}, ${pythonTag}"
     else {
       pname = package.name;
       inherit (package) version;
