@@ -139,6 +139,7 @@ pub fn run(sh: &Shell) -> Result<()> {
         sh.create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
 
+    check_npm_lock_is_fetchable(&root.join(MCP_DIR).join("package-lock.json"))?;
     install_npm_servers(sh, &root, &prefix.mcp)?;
     install_python_servers(sh, &root, &prefix.mcp, temp.path())?;
 
@@ -183,6 +184,33 @@ fn require_programs(sh: &Shell) -> Result<()> {
         .quiet()
         .run()
         .context("`unshare -n` cannot make a network namespace here (it needs root)")?;
+    Ok(())
+}
+
+/// Nix (`importNpmLock`) fetches exactly what the lock's `resolved` and `integrity` name:
+/// a package without them could not be built there, even though `npm ci` copes.
+fn check_npm_lock_is_fetchable(lock_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(lock_path).context("reading package-lock.json")?;
+    let lock: Value = serde_json::from_str(&text).context("parsing package-lock.json")?;
+    let packages = lock.get("packages").and_then(Value::as_object).context("no `packages`")?;
+
+    let unfetchable: Vec<&str> = packages
+        .iter()
+        .filter(|(key, entry)| !key.is_empty() && entry.get("link").is_none())
+        .filter(|(_, entry)| {
+            let resolved = entry.get("resolved").and_then(Value::as_str).unwrap_or_default();
+            !resolved.starts_with("https://") || entry.get("integrity").is_none()
+        })
+        .map(|(key, _)| key.as_str())
+        .collect();
+    ensure!(
+        unfetchable.is_empty(),
+        "package-lock.json has no https `resolved` URL or no `integrity` for {} package(s), \
+         e.g. {}; regenerate it with \
+         `npm install --package-lock-only --omit-lockfile-registry-resolved=false`",
+        unfetchable.len(),
+        unfetchable.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }
 
