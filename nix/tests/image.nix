@@ -12,8 +12,6 @@
   # The index of one of the 300 small packages to build with different contents, to show
   # that only its layer changes. Default: null (none).
   changed ? null,
-  # Whether to build `sparseImage` with a sparse file over 8 GiB. Default: false.
-  withSparse ? false,
 }:
 let
   system = builtins.currentSystem;
@@ -150,15 +148,17 @@ in
     inherit config extraFiles;
   };
 
-  sparseImage =
-    if withSparse then
-      mkImage {
-        name = "sparse-image";
-        tag = "test";
-        contents = [ sparse ];
-      }
-    else
-      throw "sparseImage needs --arg withSparse true";
+  # A sparse file over 8 GiB; built only when asked for.
+  sparseImage = mkImage {
+    name = "sparse-image";
+    tag = "test";
+    contents = [ sparse ];
+  };
 
-  inherit packages;
+  inherit
+    packages
+    fixtures
+    shared
+    sparse
+    ;
 }
