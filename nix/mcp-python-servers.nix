@@ -14,7 +14,8 @@
 #   2. each wheel is a fixed-output `fetchurl` by the lock's own sha256;
 #   3. `uv venv` makes a virtualenv on nixpkgs' Python in `$out`, and `uv pip install
 #      --offline --no-index --no-deps` installs exactly those wheel files into it;
-#   4. the compiled extensions of manylinux wheels get their libraries from the store.
+#   4. the install records that name the build directory or the time are removed;
+#   5. the compiled extensions of manylinux wheels get their libraries from the store.
 {
   lib,
   stdenv,
@@ -67,6 +68,16 @@ in
       ${linkWheels}
       uv venv --python ${python3}/bin/python3 "$out"
       VIRTUAL_ENV="$out" uv pip install --offline --no-index --no-deps wheels/*.whl
+
+      # uv records where each wheel came from (the build directory) and when it was
+      # installed; neither may reach an image that must be the same wherever it is built.
+      for info in "$out"/lib/python*/site-packages/*.dist-info; do
+        rm -f "$info/direct_url.json" "$info/uv_cache.json"
+        sed -i "$info/RECORD" \
+          -e '/\.dist-info\/direct_url\.json,/d' \
+          -e '/\.dist-info\/uv_cache\.json,/d'
+      done
+      rm -f "$out/.lock"
       runHook postInstall
     '';
 
