@@ -4,6 +4,8 @@
 //! Needs `nix-build`/`nix-store` (Debian `nix-bin`, single-user as root), `skopeo`,
 //! `umoci` and `chroot`; without them each test skips loudly (fails under CI).
 
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
