@@ -1,1 +1,22 @@
-//! daemon
+//! `matrixd`: the per-user daemon. The HTTP API and SSE broker, the signed intent journal,
+//! the model client, the `/data` layout and snapshots to S3-compatible storage.
+//!
+//! `main.rs` only calls [`cli::main`]; everything else lives here so tests can drive it.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod archive;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod failpoint;
+pub mod init;
+pub mod journal;
+pub mod layout;
+pub mod model;
+pub mod restore;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod supervisor;

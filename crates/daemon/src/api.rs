@@ -1,0 +1,414 @@
+//! The HTTP API: routing, authentication, request bodies and JSON errors.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{watch, Mutex};
+use uuid::Uuid;
+
+use crate::broker::{Broker, EventKind};
+use crate::config::{Mode, Secret};
+use crate::journal::{Body as EnvelopeBody, Journal, JournalError, Kind};
+use crate::layout::DataDir;
+use crate::model::{ModelClient, ModelError};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The header the router sets to the user it routed for.
+pub const USER_ID_HEADER: &str = "x-matrix-user-id";
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct App {
+    pub user_id: Uuid,
+    token_digest: [u8; 32],
+    pub data: DataDir,
+    pub broker: Arc<Broker>,
+    pub model: ModelClient,
+    pub journal: Journal,
+    pub mode: Mode,
+    /// Set while a `/messages` intent runs (single flight).
+    busy: AtomicBool,
+    /// Set once shutdown began: new work is refused.
+    draining: AtomicBool,
+    /// Serialises writes to the transcript file.
+    transcript: Mutex<()>,
+    /// Fires when `/shutdown` is called.
+    shutdown: watch::Sender<bool>,
+}
+
+impl App {
+    pub fn new(
+        user_id: Uuid,
+        token: &Secret,
+        data: DataDir,
+        model: ModelClient,
+        journal: Journal,
+        mode: Mode,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            user_id,
+            token_digest: Sha256::digest(token.expose().as_bytes()).into(),
+            data,
+            broker: Broker::new(),
+            model,
+            journal,
+            mode,
+            busy: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            transcript: Mutex::new(()),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    /// Resolves when `/shutdown` was called.
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Refuses new work from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a `/messages` intent is running.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Comparing digests keeps the comparison constant-time whatever the length.
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        !presented.is_empty() && bool::from(digest.ct_eq(&self.token_digest))
+    }
+}
+
+/// Handles one request.
+pub async fn handle(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = route(&app, request).await;
+    let status = response.status();
+    if status.is_server_error() {
+        tracing::error!(http.method = %method, http.path = %path, http.status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(http.method = %method, http.path = %path, http.status = status.as_u16(), "request");
+    }
+    Ok(response)
+}
+
+async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    if path == "/healthz" {
+        return match method {
+            Method::GET | Method::HEAD => healthz(app),
+            _ => method_not_allowed(),
+        };
+    }
+
+    if !app.authorized(request.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
+    }
+    if let Some(claimed) = request.headers().get(USER_ID_HEADER) {
+        let ours = claimed.to_str().ok().and_then(|v| Uuid::parse_str(v.trim()).ok());
+        if ours != Some(app.user_id) {
+            return error(StatusCode::FORBIDDEN, "wrong_user", "this daemon serves another user");
+        }
+    }
+
+    match (method, path.as_str()) {
+        (Method::POST, "/chat") => chat(app, request).await,
+        (Method::GET, "/events") => events(app, request.headers()),
+        (Method::POST, "/messages") => messages(app, request).await,
+        (Method::GET, "/me") => me(app).await,
+        (Method::POST, "/shutdown") => shutdown(app),
+        (Method::GET, p) if p.starts_with("/intents/") => intent(app, &p["/intents/".len()..]),
+        (_, "/chat" | "/events" | "/messages" | "/me" | "/shutdown") => method_not_allowed(),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+fn healthz(app: &App) -> Response<Body> {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "status": if app.draining.load(Ordering::SeqCst) { "draining" } else { "ok" },
+            "pid": std::process::id(),
+            "busy": app.is_busy(),
+            "broker": app.broker.stats(),
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageRequest {
+    message: String,
+}
+
+/// Checks what every unit of new work needs; `Err` is the response to send.
+async fn accept_work(app: &App, request: Request<Incoming>) -> Result<String, Response<Body>> {
+    let body: MessageRequest = read_json(request).await?;
+    if body.message.trim().is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_request", "message must not be empty"));
+    }
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the daemon is shutting down",
+        ));
+    }
+    if !app.model.is_configured() {
+        let message = ModelError::NotConfigured.to_string();
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "model_not_configured", &message));
+    }
+    Ok(body.message)
+}
+
+async fn chat(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let message = match accept_work(app, request).await {
+        Ok(message) => message,
+        Err(response) => return response,
+    };
+    match converse(app, &message).await {
+        Ok(reply) => json_response(StatusCode::OK, &json!({ "reply": reply })),
+        Err(e) => model_error(&e),
+    }
+}
+
+/// One conversational turn: the reply streams to `/events` as `say` events.
+async fn converse(app: &App, message: &str) -> Result<String, ModelError> {
+    app.broker.publish(EventKind::Status, json!({"state": "thinking"}).to_string());
+    let result = app
+        .model
+        .complete(message, |delta| {
+            app.broker.publish(EventKind::Say, json!({ "text": delta }).to_string());
+        })
+        .await;
+    app.broker.publish(EventKind::Status, json!({"state": "idle"}).to_string());
+    let reply = result?;
+    append_transcript(app, message, &reply).await;
+    Ok(reply)
+}
+
+async fn append_transcript(app: &App, message: &str, reply: &str) {
+    use std::io::Write;
+    let _guard = app.transcript.lock().await;
+    let path = app.data.transcript();
+    let lines = format!(
+        "{}\n{}\n",
+        json!({"role": "user", "content": message}),
+        json!({"role": "assistant", "content": reply})
+    );
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(lines.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "could not append to the transcript");
+    }
+}
+
+fn events(app: &App, headers: &HeaderMap) -> Response<Body> {
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let subscription = app.broker.subscribe(last_event_id);
+    let stream = futures_util::stream::unfold(subscription, |mut sub| async move {
+        let event = match sub.backlog.pop_front() {
+            Some(event) => event,
+            None => sub.live.recv().await?,
+        };
+        let frame = Frame::data(Bytes::from(event.to_sse()));
+        Some((Ok::<_, Infallible>(frame), sub))
+    });
+    // A comment first, so clients see the stream open at once.
+    let opening = futures_util::stream::once(async {
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": connected\n\n")))
+    });
+    let body = StreamBody::new(futures_util::StreamExt::chain(opening, stream));
+    let mut response = Response::new(BodyExt::boxed(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn messages(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let message = match accept_work(app, request).await {
+        Ok(message) => message,
+        Err(response) => return response,
+    };
+    if app.busy.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        return error(StatusCode::CONFLICT, "busy", "another message is being worked on");
+    }
+    let mut intent = match app.journal.begin(&message) {
+        Ok(intent) => intent,
+        Err(e) => {
+            app.busy.store(false, Ordering::SeqCst);
+            tracing::error!(error = %e, "could not start an intent");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "journal",
+                "could not record the intent",
+            );
+        }
+    };
+    let intent_id = intent.id.clone();
+
+    let worker = Arc::clone(app);
+    tokio::spawn(async move {
+        let app = worker;
+        let outcome = async {
+            app.journal.append(&mut intent, Kind::Running, EnvelopeBody::default())?;
+            let (kind, body) = match converse(&app, &message).await {
+                Ok(reply) => {
+                    (Kind::Completed, EnvelopeBody { reply: Some(reply), ..Default::default() })
+                }
+                Err(e) => (
+                    Kind::Failed,
+                    EnvelopeBody { error: Some(e.to_string()), ..Default::default() },
+                ),
+            };
+            app.journal.append(&mut intent, kind, body)
+        }
+        .await;
+        if let Err(e) = outcome {
+            tracing::error!(intent = %intent.id, error = %e, "could not record the intent's outcome");
+        }
+        app.broker
+            .publish(EventKind::Notice, json!({"intent_id": intent.id, "done": true}).to_string());
+        app.busy.store(false, Ordering::SeqCst);
+    });
+
+    json_response(StatusCode::ACCEPTED, &json!({ "intent_id": intent_id }))
+}
+
+fn intent(app: &App, id: &str) -> Response<Body> {
+    match app.journal.read(id) {
+        Ok(envelopes) => json_response(
+            StatusCode::OK,
+            &json!({
+                "intent_id": id,
+                "verified": true,
+                "public_key": hex::encode(app.journal.public_key().to_bytes()),
+                "envelopes": envelopes,
+            }),
+        ),
+        Err(JournalError::NotFound(_)) => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such intent")
+        }
+        Err(e @ JournalError::Invalid { .. }) => {
+            tracing::error!(intent = id, error = %e, "intent chain failed verification");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "intent_chain_invalid", &e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(intent = id, error = %e, "could not read an intent");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "journal", "could not read the intent")
+        }
+    }
+}
+
+async fn me(app: &App) -> Response<Body> {
+    let settings: Value = tokio::fs::read(app.data.settings())
+        .await
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_else(|| json!({}));
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "user_id": app.user_id,
+            "public_key": hex::encode(app.journal.public_key().to_bytes()),
+            "version": env!("CARGO_PKG_VERSION"),
+            "mode": match app.mode { Mode::Standalone => "standalone", Mode::Dual => "dual" },
+            "settings": settings,
+        }),
+    )
+}
+
+fn shutdown(app: &App) -> Response<Body> {
+    app.start_draining();
+    app.shutdown.send_replace(true);
+    json_response(StatusCode::ACCEPTED, &json!({ "status": "draining" }))
+}
+
+async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Response<Body>> {
+    let too_large = || {
+        let message = format!("the body is larger than {MAX_BODY_BYTES} bytes");
+        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message)
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "could not read the body",
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()))
+}
+
+fn model_error(e: &ModelError) -> Response<Body> {
+    match e {
+        ModelError::NotConfigured => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "model_not_configured", &e.to_string())
+        }
+        _ => {
+            tracing::warn!(error = %e, "model call failed");
+            error(StatusCode::BAD_GATEWAY, "model_failed", &e.to_string())
+        }
+    }
+}
+
+fn method_not_allowed() -> Response<Body> {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": code, "message": message }))
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}

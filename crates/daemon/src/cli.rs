@@ -1,0 +1,154 @@
+//! The command line: subcommands, logging set-up and exit statuses.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Mode};
+use crate::init::{self, InitOutcome};
+use crate::layout::DataDir;
+use crate::server::{self, Background};
+use crate::snapshot::{self, PushOutcome};
+use crate::store::SnapshotStore;
+use crate::{restore, supervisor};
+
+/// Exit status for bad configuration (EX_CONFIG is 78; 64 is EX_USAGE, which the project uses).
+const EXIT_CONFIG: u8 = 64;
+const EXIT_FAILURE: u8 = 1;
+
+/// The per-user Matrix daemon. Configuration is read from the environment.
+#[derive(Debug, Parser)]
+#[command(name = "matrixd", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve {
+        /// Leave the background work to a separate `matrixd executor` (dual mode).
+        #[arg(long)]
+        front_door: bool,
+    },
+    /// Lay out the data directory and restore the latest snapshot when the volume is new
+    /// or behind; safe to run any number of times.
+    Init,
+    /// Push or restore snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Run the front door and the executor as two supervised processes.
+    Dual,
+    /// Run the background work (periodic snapshots) without the API; used by `dual`.
+    Executor,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotAction {
+    /// Push the volume as the next generation (nothing happens when it is unchanged).
+    Push,
+    /// Restore the latest generation over the volume.
+    Restore,
+}
+
+/// Runs the command line and returns the exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("matrixd: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("matrixd: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli.command, &config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let config_error = e.chain().any(|cause| cause.is::<crate::config::ConfigError>());
+            eprintln!("matrixd: {e:#}");
+            ExitCode::from(if config_error { EXIT_CONFIG } else { EXIT_FAILURE })
+        }
+    }
+}
+
+async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
+    let command = command.unwrap_or(Command::Serve { front_door: false });
+    match command {
+        Command::Serve { front_door: false } if config.mode == Mode::Dual => {
+            anyhow::bail!(
+                "MATRIX_MODE is dual: run `matrixd dual`, which starts the front door itself"
+            )
+        }
+        Command::Serve { front_door } => {
+            let background = if front_door { Background::Skip } else { Background::Run };
+            server::serve(config, background).await?;
+        }
+        Command::Init => {
+            if config.s3.is_none() {
+                tracing::info!("snapshots are off: no S3_* variables are set");
+            }
+            let outcome = init::init(config).await.map_err(anyhow::Error::from)?;
+            let root = config.data_dir.display();
+            match outcome {
+                InitOutcome::Ready { generation } => {
+                    println!("matrixd init: {root} ready at generation {generation}")
+                }
+                InitOutcome::Restored { generation } => {
+                    println!("matrixd init: {root} restored generation {generation}")
+                }
+                InitOutcome::KeptLocal { local, remote } => println!(
+                    "matrixd init: {root} kept local changes at generation {local}; the store has {remote}"
+                ),
+            }
+        }
+        Command::Snapshot { action } => {
+            let s3 = config.s3.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("snapshots are off: set S3_ENDPOINT, S3_BUCKET, S3_REGION, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY")
+            })?;
+            let store = SnapshotStore::new(s3, config.user_id)?;
+            let data = DataDir::new(&config.data_dir);
+            match action {
+                SnapshotAction::Push => match snapshot::push(&data, &store, config.snapshot_keep)
+                    .await?
+                {
+                    PushOutcome::Pushed { generation, size } => {
+                        println!("matrixd snapshot push: generation {generation} ({size} bytes)")
+                    }
+                    PushOutcome::Unchanged { generation } => {
+                        println!("matrixd snapshot push: unchanged since generation {generation}")
+                    }
+                },
+                SnapshotAction::Restore => {
+                    let latest = store.latest().await?.ok_or_else(|| {
+                        anyhow::anyhow!("the store holds no snapshot for this user")
+                    })?;
+                    restore::restore(&data, &store, &latest).await?;
+                    println!("matrixd snapshot restore: generation {}", latest.generation);
+                }
+            }
+        }
+        Command::Dual => supervisor::supervise().await?,
+        Command::Executor => server::run_executor(config).await?,
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,matrixd=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,252 @@
+//! The `/data` volume: what lives where, the state file, and laying the tree out.
+//!
+//! ```text
+//! /data/
+//!   state.json          generation of the last snapshot pushed or restored, and the tree digest
+//!   cortex/             identity.key, settings.json, transcript.jsonl, journal/<intent>/<seq>-<kind>.json
+//!   workspace/          the user's files
+//!   .restore/           a restore in progress (see restore.rs); never part of a snapshot
+//!   .snapshot-tmp/      archives being uploaded; never part of a snapshot
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The directories a snapshot holds, in archive order.
+pub const SNAPSHOT_DIRS: [&str; 2] = ["cortex", "workspace"];
+
+const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not valid: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl LayoutError {
+    pub fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| Self::Io { action, path: path.to_owned(), source }
+    }
+}
+
+/// The small state file beside `cortex/` and `workspace/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub format: u32,
+    /// Generation of the last snapshot pushed from or restored to this volume; 0 for none.
+    pub generation: u64,
+    /// [`tree_digest`] of the volume when that happened (or when it was laid out): a
+    /// different digest now means local changes not yet in a snapshot.
+    pub tree_sha256: String,
+}
+
+impl State {
+    pub fn new(generation: u64, tree_sha256: String) -> Self {
+        Self { format: STATE_FORMAT, generation, tree_sha256 }
+    }
+}
+
+/// Paths inside the volume.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn cortex(&self) -> PathBuf {
+        self.root.join("cortex")
+    }
+
+    pub fn workspace(&self) -> PathBuf {
+        self.root.join("workspace")
+    }
+
+    pub fn journal(&self) -> PathBuf {
+        self.cortex().join("journal")
+    }
+
+    pub fn identity_key(&self) -> PathBuf {
+        self.cortex().join("identity.key")
+    }
+
+    pub fn settings(&self) -> PathBuf {
+        self.cortex().join("settings.json")
+    }
+
+    pub fn transcript(&self) -> PathBuf {
+        self.cortex().join("transcript.jsonl")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    pub fn restore_dir(&self) -> PathBuf {
+        self.root.join(".restore")
+    }
+
+    pub fn snapshot_tmp(&self) -> PathBuf {
+        self.root.join(".snapshot-tmp")
+    }
+
+    /// Creates whatever part of the layout is missing and leaves the rest untouched, so a
+    /// second run changes nothing. A new volume gets a fresh identity key and a state file
+    /// at generation 0.
+    pub fn ensure_layout(&self) -> Result<(), LayoutError> {
+        for dir in [self.root.clone(), self.cortex(), self.journal(), self.workspace()] {
+            fs::create_dir_all(&dir).map_err(LayoutError::io("creating", &dir))?;
+        }
+        if !self.identity_key().exists() {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            write_new_file(&self.identity_key(), hex::encode(key.to_bytes()).as_bytes(), 0o600)?;
+        }
+        if !self.settings().exists() {
+            write_new_file(&self.settings(), b"{}\n", 0o644)?;
+        }
+        if !self.transcript().exists() {
+            write_new_file(&self.transcript(), b"", 0o644)?;
+        }
+        if !self.state_file().exists() {
+            let state = State::new(0, tree_digest(&self.root)?);
+            self.write_state(&state)?;
+        }
+        Ok(())
+    }
+
+    /// The state file, or `None` on a volume that has none yet.
+    pub fn read_state(&self) -> Result<Option<State>, LayoutError> {
+        let path = self.state_file();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(LayoutError::io("reading", &path)(e)),
+        };
+        let state: State = serde_json::from_str(&text)
+            .map_err(|e| LayoutError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        if state.format != STATE_FORMAT {
+            let reason = format!("format {} is not {STATE_FORMAT}", state.format);
+            return Err(LayoutError::Corrupt { path, reason });
+        }
+        Ok(Some(state))
+    }
+
+    /// Replaces the state file atomically.
+    pub fn write_state(&self, state: &State) -> Result<(), LayoutError> {
+        let mut text = serde_json::to_string_pretty(state).expect("state serializes");
+        text.push('\n');
+        write_atomic(&self.state_file(), text.as_bytes())
+    }
+
+    /// The daemon's signing key.
+    pub fn signing_key(&self) -> Result<SigningKey, LayoutError> {
+        let path = self.identity_key();
+        let text = fs::read_to_string(&path).map_err(LayoutError::io("reading", &path))?;
+        let corrupt =
+            |reason: &str| LayoutError::Corrupt { path: path.clone(), reason: reason.into() };
+        let bytes = hex::decode(text.trim()).map_err(|_| corrupt("not hex"))?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| corrupt("not 32 bytes"))?;
+        Ok(SigningKey::from_bytes(&bytes))
+    }
+}
+
+/// A digest of `root/cortex` and `root/workspace`: every path (sorted), its kind, its
+/// executable bit and its contents. Equal digests mean equal snapshot contents.
+pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
+    let mut hasher = Sha256::new();
+    for dir in SNAPSHOT_DIRS {
+        let base = root.join(dir);
+        if !base.exists() {
+            continue;
+        }
+        let walk = walkdir::WalkDir::new(&base).sort_by_file_name();
+        for entry in walk {
+            let entry = entry.map_err(|e| LayoutError::Io {
+                action: "walking",
+                path: base.clone(),
+                source: e.into(),
+            })?;
+            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            hasher.update(relative.as_os_str().as_encoded_bytes());
+            hasher.update([0]);
+            let file_type = entry.file_type();
+            if file_type.is_dir() {
+                hasher.update(b"d");
+            } else if file_type.is_file() {
+                let mode = entry.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
+                hasher.update(if mode & 0o111 != 0 { b"x" } else { b"f" });
+                hash_file(&mut hasher, entry.path())?;
+            } else {
+                hasher.update(b"o");
+            }
+            hasher.update([0]);
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), LayoutError> {
+    let mut file = File::open(path).map_err(LayoutError::io("reading", path))?;
+    let mut buffer = vec![0; 256 * 1024];
+    let mut length: u64 = 0;
+    loop {
+        let read = file.read(&mut buffer).map_err(LayoutError::io("reading", path))?;
+        if read == 0 {
+            break;
+        }
+        length += read as u64;
+        hasher.update(&buffer[..read]);
+    }
+    hasher.update(length.to_le_bytes());
+    Ok(())
+}
+
+/// Writes a file that must not exist yet, durably.
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), LayoutError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(LayoutError::io("creating", path))?;
+    file.write_all(contents).map_err(LayoutError::io("writing", path))?;
+    file.sync_all().map_err(LayoutError::io("syncing", path))
+}
+
+/// Replaces `path` with `contents` so that a crash leaves the old file or the new one:
+/// a temporary file in the same directory, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), LayoutError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp =
+        tempfile::NamedTempFile::new_in(dir).map_err(LayoutError::io("creating a file in", dir))?;
+    temp.write_all(contents).map_err(LayoutError::io("writing", temp.path()))?;
+    temp.as_file().sync_all().map_err(LayoutError::io("syncing", temp.path()))?;
+    temp.persist(path).map_err(|e| LayoutError::io("renaming into", path)(e.error))?;
+    sync_dir(dir)
+}
+
+/// Makes renames and creations inside `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(LayoutError::io("syncing", dir))
+}

@@ -1,0 +1,275 @@
+//! The snapshot store on S3-compatible storage (path-style requests, so MinIO works).
+//!
+//! Keys, per user:
+//!
+//! ```text
+//! users/<user_id>/snapshots/<generation>.json              manifest: the commit of a generation
+//! users/<user_id>/snapshots/<generation>-<ulid>.tar.zst    the archive it names
+//! ```
+//!
+//! Generations are zero-padded so they sort. An archive is uploaded under a key no other
+//! writer uses; the generation is then claimed by creating its manifest with
+//! `If-None-Match: *`, which the server refuses (412) when another machine claimed it
+//! first. So two writers can never both own a generation, and an archive is never
+//! overwritten. Integrity is the manifest's sha256 of the archive, checked by the reader;
+//! ETags are not used (they are not MD5s for multipart uploads).
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use http::{HeaderMap, HeaderValue};
+use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::{Bucket, Region};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::config::S3Config;
+
+const MANIFEST_FORMAT: u32 = 1;
+const MANIFEST_SUFFIX: &str = ".json";
+const ARCHIVE_CONTENT_TYPE: &str = "application/zstd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("S3 request {operation} {key} failed")]
+    Request {
+        operation: &'static str,
+        key: String,
+        #[source]
+        source: S3Error,
+    },
+    #[error("generation {generation} was already written by another machine")]
+    GenerationTaken { generation: u64 },
+    #[error("manifest {key} is not valid: {reason}")]
+    BadManifest { key: String, reason: String },
+    #[error("archive {key} is {actual} bytes, the manifest says {expected}")]
+    SizeMismatch { key: String, expected: u64, actual: u64 },
+    #[error("archive {key} has sha256 {actual}, the manifest says {expected}")]
+    DigestMismatch { key: String, expected: String, actual: String },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuring the S3 client")]
+    Client(#[source] S3Error),
+}
+
+/// The record that commits a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub generation: u64,
+    pub archive_key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One user's snapshots.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    bucket: Box<Bucket>,
+    prefix: String,
+}
+
+impl SnapshotStore {
+    pub fn new(config: &S3Config, user_id: Uuid) -> Result<Self, StoreError> {
+        let region =
+            Region::Custom { region: config.region.clone(), endpoint: config.endpoint.clone() };
+        let credentials = Credentials::new(
+            Some(&config.access_key_id),
+            Some(config.secret_access_key.expose()),
+            None,
+            None,
+            None,
+        )
+        .map_err(|e| StoreError::Client(e.into()))?;
+        let bucket =
+            Bucket::new(&config.bucket, region, credentials).map_err(StoreError::Client)?;
+        Ok(Self { bucket: bucket.with_path_style(), prefix: format!("users/{user_id}/snapshots/") })
+    }
+
+    pub fn manifest_key(&self, generation: u64) -> String {
+        format!("{}{generation:016}{MANIFEST_SUFFIX}", self.prefix)
+    }
+
+    /// A key no other writer will use for generation `generation`.
+    pub fn new_archive_key(&self, generation: u64) -> String {
+        format!("{}{generation:016}-{}.tar.zst", self.prefix, ulid::Ulid::new())
+    }
+
+    /// Committed generations, oldest first.
+    pub async fn generations(&self) -> Result<Vec<u64>, StoreError> {
+        let pages = self
+            .bucket
+            .list(self.prefix.clone(), None)
+            .await
+            .map_err(|source| request("list", &self.prefix, source))?;
+        let mut generations: Vec<u64> = pages
+            .iter()
+            .flat_map(|page| &page.contents)
+            .filter_map(|object| object.key.strip_prefix(&self.prefix))
+            .filter_map(|name| name.strip_suffix(MANIFEST_SUFFIX))
+            .filter_map(|number| number.parse().ok())
+            .collect();
+        generations.sort_unstable();
+        Ok(generations)
+    }
+
+    /// The newest committed manifest.
+    pub async fn latest(&self) -> Result<Option<Manifest>, StoreError> {
+        match self.generations().await?.last() {
+            Some(&generation) => self.manifest(generation).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn manifest(&self, generation: u64) -> Result<Manifest, StoreError> {
+        let key = self.manifest_key(generation);
+        let response =
+            self.bucket.get_object(&key).await.map_err(|source| request("get", &key, source))?;
+        let manifest: Manifest = serde_json::from_slice(response.as_slice())
+            .map_err(|e| StoreError::BadManifest { key: key.clone(), reason: e.to_string() })?;
+        if manifest.format != MANIFEST_FORMAT || manifest.generation != generation {
+            let reason = format!("format {} generation {}", manifest.format, manifest.generation);
+            return Err(StoreError::BadManifest { key, reason });
+        }
+        Ok(manifest)
+    }
+
+    /// Uploads the archive at `path` to `key` and checks the stored size.
+    pub async fn upload_archive(&self, path: &Path, key: &str) -> Result<u64, StoreError> {
+        let mut file = tokio::fs::File::open(path).await.map_err(io("opening", path))?;
+        let expected = file.metadata().await.map_err(io("reading", path))?.len();
+        self.bucket
+            .put_object_stream_with_content_type(&mut file, key, ARCHIVE_CONTENT_TYPE)
+            .await
+            .map_err(|source| request("put", key, source))?;
+
+        // A multipart upload can report success with an error body; check what is stored.
+        let (head, _) =
+            self.bucket.head_object(key).await.map_err(|source| request("head", key, source))?;
+        let actual = head.content_length.unwrap_or_default().max(0) as u64;
+        if actual != expected {
+            return Err(StoreError::SizeMismatch { key: key.to_owned(), expected, actual });
+        }
+        Ok(actual)
+    }
+
+    /// Claims `manifest.generation`: creates its manifest only if no one else has.
+    pub async fn commit(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let key = self.manifest_key(manifest.generation);
+        let body = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
+        let mut headers = HeaderMap::new();
+        headers.insert("if-none-match", HeaderValue::from_static("*"));
+        let result = self
+            .bucket
+            .put_object_with_content_type_and_headers(
+                &key,
+                &body,
+                "application/json",
+                Some(headers),
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // 412: the manifest exists. 409: a concurrent conditional write won the race.
+            Err(S3Error::HttpFailWithBody(412 | 409, _)) => {
+                Err(StoreError::GenerationTaken { generation: manifest.generation })
+            }
+            Err(source) => Err(request("put", &key, source)),
+        }
+    }
+
+    /// Downloads the archive `manifest` names to `dest`, checking its size and sha256.
+    pub async fn download(&self, manifest: &Manifest, dest: &Path) -> Result<(), StoreError> {
+        let key = &manifest.archive_key;
+        let file = tokio::fs::File::create(dest).await.map_err(io("creating", dest))?;
+        let mut writer = HashingAsyncWriter { inner: file, hasher: Sha256::new(), size: 0 };
+        let mut stream = self
+            .bucket
+            .get_object_stream(key)
+            .await
+            .map_err(|source| request("get", key, source))?;
+        use futures_util::StreamExt;
+        while let Some(chunk) = stream.bytes().next().await {
+            let chunk = chunk.map_err(|source| request("get", key, source))?;
+            writer.write(&chunk).await.map_err(io("writing", dest))?;
+        }
+        writer.inner.sync_all().await.map_err(io("syncing", dest))?;
+
+        if writer.size != manifest.size {
+            let (expected, actual) = (manifest.size, writer.size);
+            return Err(StoreError::SizeMismatch { key: key.clone(), expected, actual });
+        }
+        let actual = hex::encode(writer.hasher.finalize());
+        if actual != manifest.sha256 {
+            let expected = manifest.sha256.clone();
+            return Err(StoreError::DigestMismatch { key: key.clone(), expected, actual });
+        }
+        Ok(())
+    }
+
+    /// Deletes every generation but the newest `keep`: the manifest first, so a reader
+    /// never finds a manifest whose archive is gone.
+    pub async fn prune(&self, keep: usize) -> Result<usize, StoreError> {
+        let generations = self.generations().await?;
+        let old = generations.len().saturating_sub(keep);
+        for &generation in &generations[..old] {
+            let manifest = self.manifest(generation).await?;
+            let key = self.manifest_key(generation);
+            self.delete(&key).await?;
+            self.delete(&manifest.archive_key).await?;
+        }
+        Ok(old)
+    }
+
+    /// Deletes one object.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.bucket.delete_object(key).await.map_err(|source| request("delete", key, source))?;
+        Ok(())
+    }
+}
+
+impl Manifest {
+    pub fn new(generation: u64, archive_key: String, sha256: String, size: u64) -> Self {
+        Self {
+            format: MANIFEST_FORMAT,
+            generation,
+            archive_key,
+            sha256,
+            size,
+            created_at: Utc::now(),
+        }
+    }
+}
+
+struct HashingAsyncWriter {
+    inner: tokio::fs::File,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl HashingAsyncWriter {
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(chunk).await?;
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+fn request(operation: &'static str, key: &str, source: S3Error) -> StoreError {
+    StoreError::Request { operation, key: key.to_owned(), source }
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { action, path: path.to_owned(), source }
+}
