@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod emulator;
 pub mod types;
 
 pub use client::{ClientOptions, FlyClient, FlyError, ListMachines, RetryPolicy};
