@@ -73,21 +73,22 @@ impl JwksCache {
         self.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The key for `kid`, fetching the set when it is stale or the `kid` is new.
+    /// The key for `kid`, fetching the set when it is old or missing, or when the `kid` is
+    /// new and no fetch happened within the cooldown.
     pub async fn key(&self, kid: &str) -> Option<VerifyingKey> {
         let asked_at = Instant::now();
-        if let Some((key, fresh)) = self.cached(kid).await {
-            if fresh {
-                return key;
-            }
+        let (key, young) = self.cached(kid).await;
+        if let (Some(key), true) = (&key, young) {
+            return Some(key.clone());
         }
 
         let mut last_fetch = self.fetching.lock().await;
         // Another caller may have fetched while this one waited for the lock.
         let fetched_since = last_fetch.is_some_and(|at| at >= asked_at);
         let cooling_down = last_fetch.is_some_and(|at| at.elapsed() < COOLDOWN);
-        let stale = self.cached(kid).await.is_none_or(|(_, fresh)| !fresh);
-        if !fetched_since && (stale || !cooling_down) {
+        let (key, young) = self.cached(kid).await;
+        let fetch = !fetched_since && (!young || (key.is_none() && !cooling_down));
+        if fetch {
             *last_fetch = Some(Instant::now());
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "JWKS fetch failed; keeping the last good key set");
@@ -95,16 +96,16 @@ impl JwksCache {
         }
         drop(last_fetch);
 
-        self.cached(kid).await.and_then(|(key, _)| key)
+        self.cached(kid).await.0
     }
 
-    /// `Some((key, fresh))` when a set is cached; `fresh` is true when it is young and has `kid`.
-    async fn cached(&self, kid: &str) -> Option<(Option<VerifyingKey>, bool)> {
+    /// The cached key for `kid`, and whether a set younger than [`MAX_AGE`] is cached.
+    async fn cached(&self, kid: &str) -> (Option<VerifyingKey>, bool) {
         let current = self.current.read().await;
-        let set = current.as_ref()?;
-        let key = set.keys.get(kid).cloned();
-        let fresh = key.is_some() && set.fetched_at.elapsed() < MAX_AGE;
-        Some((key, fresh))
+        match current.as_ref() {
+            Some(set) => (set.keys.get(kid).cloned(), set.fetched_at.elapsed() < MAX_AGE),
+            None => (None, false),
+        }
     }
 
     async fn refresh(&self) -> Result<(), JwksError> {

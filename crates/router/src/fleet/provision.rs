@@ -101,8 +101,37 @@ impl Fleet {
     }
 
     /// The user's volume: an unattached one from an earlier attempt, or a new one.
+    ///
+    /// Creating a volume is not idempotent on Fly, so the client does not retry it; here the
+    /// volume's name makes it so: after a failure the next attempt looks for it first.
     async fn user_volume(&self, user_id: Uuid) -> Result<String, ApiError> {
         let name = volume_name(user_id);
+        let mut attempt = 0;
+        loop {
+            if let Some(id) = self.unattached_volume(&name).await? {
+                return Ok(id);
+            }
+            let request = CreateVolumeRequest {
+                name: name.clone(),
+                region: Some(self.region.clone()),
+                size_gb: Some(self.daemon.volume_size_gb),
+                encrypted: Some(true),
+                require_unique_zone: Some(false),
+                ..CreateVolumeRequest::default()
+            };
+            match self.fly.create_volume(&request).await {
+                Ok(volume) => return Ok(volume.id),
+                Err(e) if e.is_transient() && attempt + 1 < VOLUME_ATTEMPTS => {
+                    tracing::warn!(error = %error_chain(&e), "creating a volume failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(250 << attempt)).await;
+                }
+                Err(e) => return Err(fly_failed(e)),
+            }
+        }
+    }
+
+    async fn unattached_volume(&self, name: &str) -> Result<Option<String>, ApiError> {
         let volumes = self.fly.list_volumes().await.map_err(fly_failed)?;
         let reusable = volumes.into_iter().find(|v| {
             v.name == name
@@ -110,21 +139,12 @@ impl Fleet {
                 && v.state != "destroying"
                 && v.attached_machine_id.as_deref().is_none_or(str::is_empty)
         });
-        if let Some(volume) = reusable {
-            return Ok(volume.id);
-        }
-        let request = CreateVolumeRequest {
-            name,
-            region: Some(self.region.clone()),
-            size_gb: Some(self.daemon.volume_size_gb),
-            encrypted: Some(true),
-            require_unique_zone: Some(false),
-            ..CreateVolumeRequest::default()
-        };
-        let volume = self.fly.create_volume(&request).await.map_err(fly_failed)?;
-        Ok(volume.id)
+        Ok(reusable.map(|v| v.id))
     }
 }
+
+/// Attempts at creating a volume; the client itself does not retry this call.
+const VOLUME_ATTEMPTS: u32 = 4;
 
 /// Fly volume names: lowercase letters, digits and underscores, at most 30 characters.
 fn volume_name(user_id: Uuid) -> String {

@@ -1,0 +1,9 @@
+//! Integration tests of matrix-router against real parts: a throwaway PostgreSQL cluster,
+//! the Fly Machines emulator running `test-upstream` as each user's daemon, and a JWKS
+//! endpoint, all on loopback. Run `cargo build --workspace --bins` first.
+
+mod fleet;
+mod keys;
+mod streams;
+mod support;
+mod tokens;
