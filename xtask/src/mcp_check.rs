@@ -4,11 +4,13 @@
 //! and the agent manifests in `deploy/daemon/agents` say how to start them. This check does
 //! the same outside Nix:
 //!
-//! 1. install the npm servers with `npm ci` and the Python servers with `uv sync --frozen`
+//! 1. check that the agent manifests name existing skills and exactly the servers this file
+//!    expects, and that the npm lock records what Nix fetches;
+//! 2. install the npm servers with `npm ci` and the Python servers with `uv sync --frozen`
 //!    into a temp prefix laid out like `/opt/matrix/mcp` in the image (registries reachable);
-//! 2. read every agent manifest and start each server it names, with the image paths
-//!    mapped onto the temp prefix, inside `unshare -n` so that nothing can reach the network;
-//! 3. complete an MCP `initialize` + `tools/list` exchange over stdio and compare the tool
+//! 3. start each server the manifests name, with the image paths mapped onto the temp
+//!    prefix, inside `unshare -n` so that nothing can reach the network;
+//! 4. complete an MCP `initialize` + `tools/list` exchange over stdio and compare the tool
 //!    names with the ones this file expects for the locked versions.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +29,9 @@ use xshell::{cmd, Shell};
 const MCP_DIR: &str = "deploy/daemon/mcp";
 /// The agent manifests, relative to the repository root.
 const AGENTS_DIR: &str = "deploy/daemon/agents";
+/// The skill corpus, relative to the repository root, and where the image puts it.
+const SKILLS_DIR: &str = "deploy/daemon/skills";
+const IMAGE_SKILLS_DIR: &str = "/opt/matrix/skills";
 /// Where the image puts the installed servers; the manifests name paths under it.
 const IMAGE_MCP_PREFIX: &str = "/opt/matrix/mcp";
 /// The user's volume in the image; manifests pass paths under it as arguments.
@@ -99,6 +104,8 @@ const EXPECTED_TOOLS: &[(&str, &[&str])] = &[
 /// One agent manifest: only the part this check needs.
 #[derive(Debug, Deserialize)]
 struct Manifest {
+    #[serde(default)]
+    skills: Vec<String>,
     #[serde(rename = "mcpServers")]
     mcp_servers: BTreeMap<String, ServerSpec>,
 }
@@ -125,6 +132,9 @@ struct Prefix {
 
 pub fn run(sh: &Shell) -> Result<()> {
     let root = project_root();
+    let servers = servers_from_manifests(&root.join(AGENTS_DIR))?;
+    check_expectations_cover(&servers)?;
+    check_npm_lock_is_fetchable(&root.join(MCP_DIR).join("package-lock.json"))?;
     require_programs(sh)?;
 
     let temp = sh.create_temp_dir().context("creating the temp prefix")?;
@@ -139,12 +149,8 @@ pub fn run(sh: &Shell) -> Result<()> {
         sh.create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
 
-    check_npm_lock_is_fetchable(&root.join(MCP_DIR).join("package-lock.json"))?;
     install_npm_servers(sh, &root, &prefix.mcp)?;
     install_python_servers(sh, &root, &prefix.mcp, temp.path())?;
-
-    let servers = servers_from_manifests(&root.join(AGENTS_DIR))?;
-    check_expectations_cover(&servers)?;
 
     let mut failed = Vec::new();
     for (name, spec) in &servers {
@@ -277,6 +283,7 @@ fn servers_from_manifests(agents: &Path) -> Result<BTreeMap<String, ServerSpec>>
             .with_context(|| format!("reading {}", path.display()))?;
         let manifest: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("parsing the agent manifest {}", path.display()))?;
+        check_skills_exist(&path, &manifest.skills)?;
         for (name, spec) in manifest.mcp_servers {
             match servers.get(&name) {
                 Some(known) if *known != spec => bail!(
@@ -291,6 +298,23 @@ fn servers_from_manifests(agents: &Path) -> Result<BTreeMap<String, ServerSpec>>
         }
     }
     Ok(servers)
+}
+
+/// Every skill a manifest names is a file of the corpus that the image carries.
+fn check_skills_exist(manifest: &Path, skills: &[String]) -> Result<()> {
+    let corpus = project_root().join(SKILLS_DIR);
+    for skill in skills {
+        let file = skill.strip_prefix(IMAGE_SKILLS_DIR).and_then(|rest| rest.strip_prefix('/'));
+        let Some(file) = file.filter(|f| !f.is_empty() && !f.contains('/')) else {
+            bail!("{}: the skill {skill} is not under {IMAGE_SKILLS_DIR}", manifest.display());
+        };
+        ensure!(
+            corpus.join(file).is_file(),
+            "{}: the skill {skill} has no file {SKILLS_DIR}/{file}",
+            manifest.display()
+        );
+    }
+    Ok(())
 }
 
 /// The manifests and this check must name the same servers: no server goes unchecked.
