@@ -37,18 +37,23 @@ pub fn run(sh: &Shell) -> Result<()> {
     check_parse(sh, &root, &files)?;
     println!("nix  parse       ok  {} files", files.len());
 
+    // The wheel selection is checked even when formatting fails: both are reported.
     let unformatted = unformatted_files(&root, &files)?;
-    ensure!(
-        unformatted.is_empty(),
-        "not formatted as alejandra formats them (run `nix fmt`, or `cargo xtask nix-fmt`): {}",
-        unformatted.join(", ")
-    );
-    println!("nix  format      ok  {} files", files.len());
+    match unformatted.as_slice() {
+        [] => println!("nix  format      ok  {} files", files.len()),
+        _ => println!("nix  format      FAILED  {}", unformatted.join(", ")),
+    }
 
     for system in SYSTEMS {
         let count = check_wheel_selection(sh, &root, system)?;
         println!("nix  uv wheels   ok  {system}: {count} wheels, one per locked package");
     }
+
+    ensure!(
+        unformatted.is_empty(),
+        "not formatted as alejandra formats them (run `nix fmt`, or `cargo xtask nix-fmt`): {}",
+        unformatted.join(", ")
+    );
     Ok(())
 }
 
