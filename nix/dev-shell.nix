@@ -8,6 +8,7 @@
 {
   mkShell,
   writeShellScriptBin,
+  rustPlatform,
   cargo,
   rustc,
   clippy,
@@ -55,6 +56,7 @@ in
       alejandra
     ];
 
-    # rust-analyzer finds the standard library's sources here.
-    RUST_SRC_PATH = "${rustc.passthru.unwrapped or rustc}/lib/rustlib/src/rust/library";
+    # rust-analyzer finds the standard library's sources here (`rustPlatform.rustLibSrc`,
+    # as nixpkgs' own Rust shells set it).
+    RUST_SRC_PATH = "${rustPlatform.rustLibSrc}";
   }
