@@ -93,6 +93,7 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
             )
         }
         Command::Serve { front_door } => {
+            config.daemon_token()?;
             let background = if front_door { Background::Skip } else { Background::Run };
             server::serve(config, background).await?;
         }

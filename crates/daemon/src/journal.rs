@@ -193,6 +193,9 @@ impl Journal {
         for entry in std::fs::read_dir(&dir).map_err(LayoutError::io("reading", &dir))? {
             let path = entry.map_err(LayoutError::io("reading", &dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with('.') {
+                continue; // An envelope being written (see `write_atomic`).
+            }
             let seq = name.split_once('-').and_then(|(seq, _)| seq.parse().ok());
             let Some(seq) = seq else {
                 return Err(invalid(id, 0, &format!("unexpected file {name}")));
