@@ -178,7 +178,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
         .arg(&image_map)
         .arg("--state-dir")
         .arg(&fly_dir)
-        .env("FLY_EMULATOR_TOKEN", fly_token);
+        .env("FLY_API_TOKEN", fly_token);
     let (mut emulator, fly_url) =
         spawn_announced("fly", &mut emulator_cmd, "fly-emulator listening on ", &lines_tx)?;
 
@@ -201,7 +201,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
         .env("FLY_APP_NAME", DEV_APP)
         .env("FLY_REGION", "local")
         .env("ROUTER_DAEMON_IMAGE", DEV_IMAGE)
-        .env("ROUTER_DAEMON_TOKEN_SECRET", "matrix-dev-daemon-token-secret")
+        .env("ROUTER_DAEMON_TOKEN_SECRET", "matrix-dev-daemon-token-secret-not-for-production")
         .env("ROUTER_IDLE_SUSPEND_SECS", args.idle_suspend_secs.to_string())
         .env("ROUTER_WAKE_TOKEN", wake_token)
         .env("ROUTER_ADMIN_TOKEN", admin_token);

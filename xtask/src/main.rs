@@ -33,9 +33,19 @@ enum Command {
     NixFmt,
 }
 
-fn main() -> anyhow::Result<()> {
-    load_dotenv()?;
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    load_dotenv()?;
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
 
