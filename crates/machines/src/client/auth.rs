@@ -25,3 +25,23 @@ pub(crate) fn authorization(token: &str) -> Result<HeaderValue, FlyError> {
     header.set_sensitive(true);
     Ok(header)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(token: &str, expected: &str) {
+        let header = authorization(token).expect(token);
+        assert_eq!(header.to_str().unwrap(), expected);
+        assert!(header.is_sensitive());
+    }
+
+    #[test]
+    fn macaroons_use_flyv1_and_the_rest_bearer() {
+        check("abc123", "Bearer abc123");
+        check("fm2_lJPE", "FlyV1 fm2_lJPE");
+        check("FlyV1 fm2_lJPE,fm2_x", "FlyV1 fm2_lJPE,fm2_x");
+        assert!(authorization("  ").is_err());
+        assert!(authorization("bad\ntoken").is_err());
+    }
+}

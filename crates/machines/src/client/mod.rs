@@ -512,7 +512,9 @@ impl FlyClient {
             let allowed = unsent
                 || (call.idempotence == Idempotence::Safe
                     && error.is_transient()
-                    && error.status() != Some(StatusCode::REQUEST_TIMEOUT));
+                    // `wait` answers 408 as "not yet" and loops itself.
+                    && !(call.name == "wait_machine"
+                        && error.status() == Some(StatusCode::REQUEST_TIMEOUT)));
             let Some(delay) =
                 allowed.then(|| self.options.retry.delay(retry, retry_after)).flatten()
             else {

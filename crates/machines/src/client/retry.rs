@@ -62,3 +62,36 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_its_ceiling_and_retry_after_wins() {
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(300),
+        };
+        for _ in 0..50 {
+            assert!(policy.delay(0, None).unwrap() <= Duration::from_millis(100));
+            assert!(policy.delay(2, None).unwrap() <= Duration::from_millis(300));
+        }
+        assert_eq!(policy.delay(3, None), None, "four attempts in all");
+        let asked = Some(Duration::from_millis(250));
+        assert_eq!(policy.delay(0, asked), asked);
+        assert_eq!(policy.delay(0, Some(Duration::from_secs(5))), None, "too long to wait");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        headers.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
+        let parsed = retry_after(&headers).unwrap();
+        assert!(parsed > Duration::from_secs(100) && parsed <= Duration::from_secs(120));
+    }
+}

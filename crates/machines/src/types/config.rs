@@ -255,3 +255,58 @@ pub fn parse_go_duration(text: &str) -> Option<std::time::Duration> {
     }
     Some(std::time::Duration::from_secs_f64(total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_autostop(json: &str, expected: Autostop, written: &str) {
+        let parsed: Autostop = serde_json::from_str(json).expect(json);
+        assert_eq!(parsed, expected, "{json}");
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), written, "{json}");
+    }
+
+    #[test]
+    fn autostop_reads_every_form_and_writes_fly_s() {
+        check_autostop("false", Autostop::Off, "false");
+        check_autostop("\"off\"", Autostop::Off, "false");
+        check_autostop("true", Autostop::Stop, "true");
+        check_autostop("\"stop\"", Autostop::Stop, "true");
+        check_autostop("\"suspend\"", Autostop::Suspend, "\"suspend\"");
+        assert!(serde_json::from_str::<Autostop>("\"sleep\"").is_err());
+    }
+
+    #[test]
+    fn unknown_config_fields_survive_a_round_trip() {
+        let json = serde_json::json!({
+            "image": "registry.fly.io/matrix:1",
+            "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 512, "kernel_args": ["x"]},
+            "services": [{"internal_port": 8080, "autostop": "suspend",
+                          "concurrency": {"type": "requests", "soft_limit": 20},
+                          "ports": [{"port": 443, "handlers": ["tls", "http"], "tls_options": {}}]}],
+            "checks": {"h": {"type": "http", "port": 8080, "path": "/healthz", "headers": []}},
+            "mounts": [{"volume": "vol_1", "path": "/data", "add_size_gb": 1}],
+            "init": {"swap_size_mb": 0},
+            "files": [{"guest_path": "/etc/x", "raw_value": "eA=="}],
+        });
+        let config: MachineConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(config.services[0].autostop, Some(Autostop::Suspend));
+        assert_eq!(serde_json::to_value(&config).unwrap(), json);
+    }
+
+    fn check_duration(text: &str, expected: Option<u64>) {
+        let parsed = parse_go_duration(text).map(|d| d.as_millis() as u64);
+        assert_eq!(parsed, expected, "{text}");
+    }
+
+    #[test]
+    fn go_durations() {
+        check_duration("15s", Some(15_000));
+        check_duration("1m30s", Some(90_000));
+        check_duration("500ms", Some(500));
+        check_duration("1.5s", Some(1_500));
+        check_duration("2000000000", Some(2_000));
+        check_duration("", None);
+        check_duration("5 minutes", None);
+    }
+}
