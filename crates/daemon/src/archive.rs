@@ -1,7 +1,7 @@
 //! Snapshot archives: `cortex/` and `workspace/` as a deterministic tar, zstd-compressed.
 //!
 //! The same tree always gives the same bytes: entries in name order, mtime 0, owner 0,
-//! modes normalised to 0755/0644. Only directories and regular files are archived, and
+//! modes without special bits or group/other write (so `identity.key` stays 0600). Only directories and regular files are archived, and
 //! unpacking accepts nothing else, so an archive cannot place anything outside its root.
 
 use std::fs::File;
@@ -15,6 +15,8 @@ use tar::{EntryType, Header};
 use crate::layout::SNAPSHOT_DIRS;
 
 const ZSTD_LEVEL: i32 = 3;
+/// Permission bits kept in an archive.
+const ARCHIVED_MODE_BITS: u32 = 0o755;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -80,13 +82,12 @@ fn append_entry<W: Write>(
     header.set_gid(0);
     if metadata.is_dir() {
         header.set_entry_type(EntryType::Directory);
-        header.set_mode(0o755);
+        header.set_mode(metadata.permissions().mode() & ARCHIVED_MODE_BITS);
         header.set_size(0);
         builder.append_data(&mut header, relative, io::empty()).map_err(io_err("archiving", path))
     } else if metadata.is_file() {
-        let executable = metadata.permissions().mode() & 0o111 != 0;
         header.set_entry_type(EntryType::Regular);
-        header.set_mode(if executable { 0o755 } else { 0o644 });
+        header.set_mode(metadata.permissions().mode() & ARCHIVED_MODE_BITS);
         header.set_size(metadata.len());
         let file = File::open(path).map_err(io_err("reading", path))?;
         builder.append_data(&mut header, relative, file).map_err(io_err("archiving", path))
@@ -105,34 +106,36 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
     let decoder =
         zstd::Decoder::new(BufReader::new(file)).map_err(io_err("decompressing", archive))?;
     let mut tar = tar::Archive::new(decoder);
-    let mut written = Vec::new();
+    let mut dirs = Vec::new();
     for entry in tar.entries().map_err(io_err("reading", archive))? {
         let mut entry = entry.map_err(io_err("reading", archive))?;
         let path = entry.path().map_err(io_err("reading", archive))?.into_owned();
         check_entry(&path, entry.header().entry_type())?;
         let target = dest.join(&path);
+        let mode = entry.header().mode().map_err(io_err("reading", archive))? & ARCHIVED_MODE_BITS;
         if entry.header().entry_type() == EntryType::Directory {
             std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
+            dirs.push((target, mode));
         } else {
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
             }
             let mut out = File::create(&target).map_err(io_err("creating", &target))?;
             io::copy(&mut entry, &mut out).map_err(io_err("writing", &target))?;
-            let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
             out.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(io_err("setting the mode of", &target))?;
             out.sync_all().map_err(io_err("syncing", &target))?;
         }
-        written.push(target);
     }
-    // Directories last, deepest first, so their entries are durable too.
-    written.retain(|p| p.is_dir());
-    written.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for dir in written.iter().chain(std::iter::once(&dest.to_owned())) {
+    // Directories last, deepest first: their modes may forbid writing, and syncing them
+    // makes their entries durable.
+    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (dir, mode) in &dirs {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
+            .map_err(io_err("setting the mode of", dir))?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
     }
-    Ok(())
+    File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))
 }
 
 fn check_entry(path: &Path, kind: EntryType) -> Result<(), ArchiveError> {

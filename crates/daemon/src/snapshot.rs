@@ -74,6 +74,8 @@ pub async fn push(
     let key = store.new_archive_key(generation);
     let uploaded = store.upload_archive(&archive_path, &key).await;
     let _ = std::fs::remove_file(&archive_path);
+    // Left only when another push is running; init clears it otherwise.
+    let _ = std::fs::remove_dir(data.snapshot_tmp());
     uploaded?;
     failpoint::hit("push.uploaded");
 

@@ -1,0 +1,345 @@
+//! Snapshots against a real S3-compatible server (MinIO or moto) on loopback.
+
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use harness::s3::S3Server;
+use matrixd::config::Config;
+use matrixd::store::{Manifest, SnapshotStore};
+
+const BUCKET: &str = "matrix-snapshots";
+
+/// The S3 server and the environment pointing at it.
+struct Store {
+    server: S3Server,
+}
+
+impl Store {
+    fn start() -> Option<Self> {
+        let server = S3Server::start().unwrap()?;
+        server.create_bucket(BUCKET).unwrap();
+        Some(Self { server })
+    }
+
+    /// The environment of a daemon of [`USER`] on `data` using this store.
+    fn env(&self, data: &Path) -> BTreeMap<String, String> {
+        let mut env = base_env(data);
+        for (name, value) in self.server.env(BUCKET) {
+            env.insert(name.into(), value);
+        }
+        env.insert("MATRIX_SNAPSHOT_INTERVAL_SECS".into(), "0".into());
+        env
+    }
+
+    fn client(&self) -> SnapshotStore {
+        let env = self.env(Path::new("/unused"));
+        let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap();
+        SnapshotStore::new(config.s3.as_ref().unwrap(), config.user_id).unwrap()
+    }
+
+    async fn generations(&self) -> Vec<u64> {
+        self.client().generations().await.unwrap()
+    }
+}
+
+/// Some user files: nested, empty, binary, executable.
+fn write_workspace(root: &Path, seed: &str) {
+    let workspace = root.join("workspace");
+    std::fs::create_dir_all(workspace.join("project/src")).unwrap();
+    std::fs::create_dir_all(workspace.join("empty-dir")).unwrap();
+    std::fs::write(workspace.join("notes.md"), format!("# notes {seed}\n")).unwrap();
+    std::fs::write(workspace.join("project/src/lib.rs"), format!("// {seed}\n")).unwrap();
+    let binary: Vec<u8> =
+        (0..200_000u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(workspace.join("project/data.bin"), binary).unwrap();
+    let script = workspace.join("project/run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("cortex/settings.json"), format!("{{\"seed\": \"{seed}\"}}\n"))
+        .unwrap();
+}
+
+fn state_generation(root: &Path) -> u64 {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("state.json")).unwrap()).unwrap();
+    state["generation"].as_u64().unwrap()
+}
+
+/// A volume at generation 1 in the store, pushed from a fresh directory; returns it.
+fn pushed_volume(store: &Store, seed: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let env = store.env(dir.path());
+    run_ok(&["init"], &env);
+    write_workspace(dir.path(), seed);
+    let out = run_ok(&["snapshot", "push"], &env);
+    assert!(out.contains("generation"), "{out}");
+    dir
+}
+
+#[tokio::test]
+async fn push_then_restore_on_a_fresh_volume_gives_the_same_tree() {
+    let Some(store) = Store::start() else { return };
+    let source = pushed_volume(&store, "one");
+    assert_eq!(store.generations().await, [1]);
+
+    let fresh = tempfile::tempdir().unwrap();
+    let env = store.env(fresh.path());
+    let out = run_ok(&["init"], &env);
+
+    assert!(out.contains("restored generation 1"), "{out}");
+    assert_eq!(snapshot_tree_hash(fresh.path()), snapshot_tree_hash(source.path()));
+    assert_eq!(tree_hash(fresh.path()), tree_hash(source.path()), "state files agree too");
+    let before = tree_hash(fresh.path());
+    run_ok(&["init"], &env);
+    assert_eq!(tree_hash(fresh.path()), before, "a second init changes nothing");
+
+    let out = run_ok(&["snapshot", "push"], &env);
+    assert!(out.contains("unchanged since generation 1"), "{out}");
+    assert_eq!(store.generations().await, [1]);
+}
+
+#[tokio::test]
+async fn a_restore_killed_at_any_step_is_finished_by_the_next_run() {
+    let Some(store) = Store::start() else { return };
+    let source = pushed_volume(&store, "new");
+    let expected = snapshot_tree_hash(source.path());
+    let steps = [
+        "restore.downloaded",
+        "restore.unpacked",
+        "restore.ready",
+        "restore.retired.cortex",
+        "restore.swapped.cortex",
+        "restore.retired.workspace",
+        "restore.swapped.workspace",
+        "restore.state",
+    ];
+
+    for step in steps {
+        // An old volume at generation 0 with files of its own, unchanged since init.
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = base_env(dir.path());
+        run_ok(&["init"], &env);
+        let old = snapshot_tree_hash(dir.path());
+        env.extend(store.env(dir.path()));
+
+        env.insert("MATRIX_FAILPOINT".into(), step.into());
+        let killed = run(&["init"], &env);
+        assert_eq!(
+            killed.status.signal(),
+            Some(9),
+            "{step}: {}",
+            String::from_utf8_lossy(&killed.stderr)
+        );
+        if !dir.path().join(".restore/READY").exists() {
+            let after_kill = snapshot_tree_hash(dir.path());
+            assert_eq!(after_kill, old, "{step}: before the commit point the old state is intact");
+        }
+
+        env.remove("MATRIX_FAILPOINT");
+        run_ok(&["init"], &env);
+        assert_eq!(
+            snapshot_tree_hash(dir.path()),
+            expected,
+            "{step}: the re-run finished the restore"
+        );
+        assert_eq!(state_generation(dir.path()), 1, "{step}");
+        assert!(!dir.path().join(".restore").exists(), "{step}: no staging left");
+    }
+}
+
+#[tokio::test]
+async fn a_restore_killed_at_random_moments_ends_consistent() {
+    let Some(store) = Store::start() else { return };
+    let source = pushed_volume(&store, "timing");
+    // Enough data that the restore takes a while.
+    let big: Vec<u8> =
+        (0..24_000_000u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    std::fs::write(source.path().join("workspace/big.bin"), big).unwrap();
+    run_ok(&["snapshot", "push"], &store.env(source.path()));
+    let expected = snapshot_tree_hash(source.path());
+
+    for delay_ms in [5, 40, 120, 250, 500, 900] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = store.env(dir.path());
+        let mut child = command(&["snapshot", "restore"], &env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+
+        run_ok(&["init"], &env);
+        assert_eq!(snapshot_tree_hash(dir.path()), expected, "killed after {delay_ms} ms");
+        assert!(!dir.path().join(".restore").exists());
+    }
+}
+
+#[tokio::test]
+async fn a_stale_snapshot_never_overwrites_newer_local_state() {
+    let Some(store) = Store::start() else { return };
+    let a = pushed_volume(&store, "a");
+    let env_a = store.env(a.path());
+
+    // Another machine of the same user restores generation 1 and pushes generation 2.
+    let b = tempfile::tempdir().unwrap();
+    let env_b = store.env(b.path());
+    run_ok(&["init"], &env_b);
+    std::fs::write(b.path().join("workspace/from-b.txt"), "b").unwrap();
+    run_ok(&["snapshot", "push"], &env_b);
+    assert_eq!(store.generations().await, [1, 2]);
+
+    // A has unsaved work of its own: init keeps it, push refuses to overwrite generation 2.
+    std::fs::write(a.path().join("workspace/unsaved.txt"), "mine").unwrap();
+    let before = tree_hash(a.path());
+    let out = run_ok(&["init"], &env_a);
+    assert!(out.contains("kept local changes"), "{out}");
+    assert_eq!(tree_hash(a.path()), before);
+    let refused = run(&["snapshot", "push"], &env_a);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("generation 1") && stderr.contains("generation 2"), "{stderr}");
+    assert_eq!(store.generations().await, [1, 2]);
+
+    // B is ahead of the store (its newest manifest is gone): init leaves B alone.
+    store.client().delete(&store.client().manifest_key(2)).await.unwrap();
+    let before = tree_hash(b.path());
+    let out = run_ok(&["init"], &env_b);
+    assert!(out.contains("ready at generation 2"), "{out}");
+    assert_eq!(tree_hash(b.path()), before);
+}
+
+#[tokio::test]
+async fn two_writers_of_one_user_cannot_lose_a_generation() {
+    let Some(store) = Store::start() else { return };
+    let _origin = pushed_volume(&store, "origin");
+    let writers: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (n, dir) in writers.iter().enumerate() {
+        run_ok(&["init"], &store.env(dir.path()));
+        std::fs::write(dir.path().join("workspace/writer.txt"), format!("writer {n}")).unwrap();
+    }
+
+    // Both push generation 2 at once.
+    let children: Vec<_> = writers
+        .iter()
+        .map(|dir| {
+            command(&["snapshot", "push"], &store.env(dir.path()))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+
+    let winners: Vec<usize> = (0..2).filter(|&n| outputs[n].status.success()).collect();
+    assert_eq!(winners.len(), 1, "exactly one push wins: {outputs:?}");
+    let (winner, loser) = (winners[0], 1 - winners[0]);
+    let stderr = String::from_utf8_lossy(&outputs[loser].stderr);
+    assert!(stderr.contains("generation 2"), "the loser says why: {stderr}");
+    assert_eq!(store.generations().await, [1, 2]);
+    assert_eq!(state_generation(writers[loser].path()), 1, "the loser did not record a push");
+
+    // Generation 2 is the winner's tree, whole.
+    let reader = tempfile::tempdir().unwrap();
+    run_ok(&["init"], &store.env(reader.path()));
+    assert_eq!(snapshot_tree_hash(reader.path()), snapshot_tree_hash(writers[winner].path()));
+}
+
+#[tokio::test]
+async fn a_generation_once_claimed_cannot_be_claimed_again() {
+    let Some(store) = Store::start() else { return };
+    let _origin = pushed_volume(&store, "origin");
+    let client = store.client();
+    let original = client.manifest(1).await.unwrap();
+
+    let intruder = Manifest::new(1, client.new_archive_key(1), "0".repeat(64), 1);
+    let error = client.commit(&intruder).await.unwrap_err();
+
+    assert!(error.to_string().contains("generation 1 was already written"), "{error}");
+    assert_eq!(client.manifest(1).await.unwrap(), original);
+}
+
+#[tokio::test]
+async fn old_generations_are_pruned_to_the_configured_count() {
+    let Some(store) = Store::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = store.env(dir.path());
+    env.insert("MATRIX_SNAPSHOT_KEEP".into(), "2".into());
+    run_ok(&["init"], &env);
+    for n in 0..4 {
+        std::fs::write(dir.path().join("workspace/n.txt"), n.to_string()).unwrap();
+        run_ok(&["snapshot", "push"], &env);
+    }
+    assert_eq!(store.generations().await, [3, 4]);
+    let bucket = store.server.bucket(BUCKET).unwrap();
+    let listed = bucket.list(format!("users/{USER}/snapshots/"), None).await.unwrap();
+    let objects: usize = listed.iter().map(|page| page.contents.len()).sum();
+    assert_eq!(objects, 4, "two manifests and their two archives");
+}
+
+#[tokio::test]
+async fn a_corrupted_archive_is_refused_and_the_volume_kept() {
+    let Some(store) = Store::start() else { return };
+    let _origin = pushed_volume(&store, "origin");
+    let client = store.client();
+    let manifest = client.manifest(1).await.unwrap();
+    let bucket = store.server.bucket(BUCKET).unwrap();
+    bucket.put_object(&manifest.archive_key, b"not the archive").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = base_env(dir.path());
+    run_ok(&["init"], &env);
+    let before = tree_hash(dir.path());
+    env.extend(store.env(dir.path()));
+
+    let output = run(&["init"], &env);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bytes, the manifest says"), "{stderr}");
+    run_ok(&["init"], &{
+        let mut plain = env.clone();
+        for name in
+            ["S3_ENDPOINT", "S3_BUCKET", "S3_REGION", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"]
+        {
+            plain.remove(name);
+        }
+        plain
+    });
+    assert_eq!(tree_hash(dir.path()), before, "the volume is as it was");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_pushes_periodically_and_on_shutdown() {
+    let Some(store) = Store::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = store.env(dir.path());
+    env.insert("MATRIX_SNAPSHOT_INTERVAL_SECS".into(), "1".into());
+    run_ok(&["init"], &env);
+    let mut daemon = Daemon::start(&env);
+
+    std::fs::write(dir.path().join("workspace/first.txt"), "1").unwrap();
+    eventually("a periodic snapshot is pushed", async || store.generations().await == [1]).await;
+
+    std::fs::write(dir.path().join("workspace/second.txt"), "2").unwrap();
+    let response =
+        http().post(format!("{}/shutdown", daemon.url)).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let exit = tokio::task::block_in_place(|| daemon.wait_exit());
+    assert!(exit.success(), "{exit}");
+
+    let last = store.generations().await.last().copied().unwrap();
+    assert!(last >= 2, "the shutdown pushed the last change");
+    let reader = tempfile::tempdir().unwrap();
+    run_ok(&["init"], &store.env(reader.path()));
+    assert_eq!(snapshot_tree_hash(reader.path()), snapshot_tree_hash(dir.path()));
+}
