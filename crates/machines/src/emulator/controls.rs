@@ -60,6 +60,10 @@ impl Settings {
         Duration::from_millis(self.boot_window_ms)
     }
 
+    pub(crate) fn destroyed_retention(&self) -> Duration {
+        Duration::from_millis(self.destroyed_retention_ms)
+    }
+
     /// Applies the fields present in a `POST /_emulator/settings` body.
     pub(crate) fn apply(&mut self, patch: SettingsPatch) {
         let SettingsPatch {
