@@ -62,6 +62,8 @@ struct Proc {
 struct Inner {
     store: Store,
     procs: HashMap<String, Proc>,
+    /// Process groups of replaced versions, still being stopped.
+    retiring: BTreeSet<i32>,
     next_generation: u64,
 }
 
@@ -170,7 +172,8 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
-        let inner = Inner { store, procs: HashMap::new(), next_generation: 0 };
+        let inner =
+            Inner { store, procs: HashMap::new(), retiring: BTreeSet::new(), next_generation: 0 };
         Arc::new(Self {
             inner: Mutex::new(inner),
             changed,
@@ -204,9 +207,11 @@ impl Engine {
     pub fn kill_all(&self) {
         self.cancel.cancel();
         let mut inner = lock(&self.inner);
-        for (_, proc) in inner.procs.drain() {
-            signal_group(proc.group, Signal::SIGKILL);
-            signal_group(proc.group, Signal::SIGCONT);
+        let running: Vec<i32> = inner.procs.drain().map(|(_, proc)| proc.group).collect();
+        let retiring = std::mem::take(&mut inner.retiring);
+        for group in running.into_iter().chain(retiring) {
+            signal_group(group, Signal::SIGKILL);
+            signal_group(group, Signal::SIGCONT);
         }
     }
 

@@ -58,6 +58,9 @@ impl Engine {
         let version = machine.instance_id.clone();
         let answer = machine.clone();
         let old = inner.procs.remove(id);
+        if let Some(old) = &old {
+            inner.retiring.insert(old.group);
+        }
         self.commit(&inner);
         drop(inner);
 
@@ -68,7 +71,9 @@ impl Engine {
             if let Some(old) = old {
                 let (signal, grace) = stop_parameters(&old_stop, None)
                     .unwrap_or((Signal::SIGINT, DEFAULT_STOP_TIMEOUT));
+                let group = old.group;
                 terminate(old, signal, grace).await;
+                lock(&engine.inner).retiring.remove(&group);
             }
             tokio::select! {
                 _ = engine.cancel.cancelled() => return,
