@@ -1,10 +1,11 @@
 //! Layer blobs: tar -> sha256 (diff ID) -> compressor -> sha256 (digest) -> file, in one pass.
 //!
 //! The compressors are pinned so that the compressed bytes, and so the digests a registry
-//! sees, are the same on every machine: gzip is flate2's pure-Rust backend (miniz_oxide,
-//! the version in `Cargo.lock`) at level 6 with a zero mtime, no file name and OS byte 255;
-//! zstd is libzstd (the `zstd-sys` version in `Cargo.lock`) at level 3 on one thread. A
-//! change of either crate version may change compressed digests, never diff IDs.
+//! sees, are the same on every machine: gzip is `pgzip` (fixed 1 MiB chunks deflated in
+//! parallel by flate2's pure-Rust backend, miniz_oxide, the version in `Cargo.lock`, at
+//! level 6; zero mtime, no file name, OS byte 255); zstd is libzstd (the `zstd-sys`
+//! version in `Cargo.lock`) at level 3 on one thread. A change of either crate version may
+//! change compressed digests, never diff IDs.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
+use crate::pgzip::ParallelGzip;
 use crate::tarball::TarWriter;
 
 pub const GZIP_LEVEL: u32 = 6;
@@ -165,19 +167,14 @@ type Sink = Hashing<BufWriter<File>>;
 
 /// The pinned compressor in front of the blob file.
 pub enum Encoder {
-    Gzip(flate2::write::GzEncoder<Sink>),
+    Gzip(ParallelGzip<Sink>),
     Zstd(zstd::Encoder<'static, Sink>),
 }
 
 impl Encoder {
     fn new(sink: Sink, compression: Compression) -> io::Result<Self> {
         Ok(match compression {
-            Compression::Gzip => Encoder::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(255)
-                    .write(sink, flate2::Compression::new(GZIP_LEVEL)),
-            ),
+            Compression::Gzip => Encoder::Gzip(ParallelGzip::new(sink, GZIP_LEVEL)),
             Compression::Zstd => Encoder::Zstd(zstd::Encoder::new(sink, ZSTD_LEVEL)?),
         })
     }

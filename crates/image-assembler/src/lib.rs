@@ -49,6 +49,7 @@ pub mod layering;
 pub mod layout;
 pub mod nix_build;
 pub mod oci;
+pub mod pgzip;
 pub mod tarball;
 
 pub use blob::{Compression, LayerBlob};
