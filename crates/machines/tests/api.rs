@@ -508,3 +508,48 @@ async fn metadata_writes_answer_204_and_apps_can_be_created() {
     assert_eq!(status, 200);
     assert_eq!(events[0]["type"], "start");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_a_lease_ttl_answers_the_nonce_and_holds_the_lease() {
+    let env = Env::start().await;
+    let mut leased = request("sleeper");
+    leased.lease_ttl = Some(30);
+
+    let machine = env.fly.create_machine(&leased).await.unwrap();
+
+    let nonce = machine.nonce.clone().expect("a nonce in the create answer");
+    assert_eq!(env.fly.get_lease(&machine.id).await.unwrap().data.nonce, nonce);
+    env.fly.wait_machine(&machine.id, WaitState::Started, None, LONG).await.unwrap();
+    let refused = env.fly.delete_machine(&machine.id, true, None).await.unwrap_err();
+    assert!(refused.is_conflict(), "{refused}");
+    env.fly.delete_machine(&machine.id, true, Some(&nonce)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_has_a_timeout() {
+    // A server that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let options = machines::ClientOptions {
+        timeout: Duration::from_millis(300),
+        retry: RetryPolicy { max_attempts: 2, ..RetryPolicy::default() },
+        ..support::fast_options()
+    };
+    let fly = FlyClient::with_options(&url, TOKEN, APP, options).unwrap();
+
+    let error = fly.get_machine("148e1d3b2d9e89").await.unwrap_err();
+
+    assert!(error.is_timeout(), "{error:?}");
+    assert!(error.is_transient());
+    let text = error.to_string();
+    assert!(text.contains("get_machine on 148e1d3b2d9e89"), "{text}");
+    let lease = fly.acquire_lease("148e1d3b2d9e89", LONG, "x").await.unwrap_err();
+    assert!(lease.is_timeout(), "{lease:?}");
+    accept.abort();
+}
