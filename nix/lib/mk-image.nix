@@ -13,7 +13,11 @@
 #     `index.json`, `blobs/sha256/`) that `skopeo copy oci:<out>:<tag> ...` reads.
 #
 # The result also carries `layers` (the group derivations) and `dockerArchive` (the same
-# image as a `docker load` tarball).
+# image as a `docker load` tarball). Store paths outside the named groups are tarred inside
+# the image derivation, so a rebuild re-tars all of them: put what rarely changes in a group.
+#
+# FIXME: layers are always gzip here; zstd is only reachable through the CLI
+# (`matrix-image-assembler image --compression zstd`), as this signature has no argument for it.
 {
   # A package with the assembler's CLI at bin/matrix-image-assembler. Required.
   assembler,
