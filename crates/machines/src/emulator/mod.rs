@@ -26,7 +26,7 @@
 //!   directory after every change; after a restart the machines are back, `stopped`.
 //! - **Auth:** `Authorization: Bearer <token>` or `FlyV1 <token>`; anything else is 401.
 //!
-//! Not emulated: `restart` policies (FIXME: a process that exits after boot leaves the
+//! Not emulated: `restart` policies (a process that exits after boot leaves the
 //! machine `stopped`), `auto_destroy`, exec, cordons, IP assignments, app deletion,
 //! volume snapshots and extension.
 //!

@@ -112,8 +112,8 @@ impl Engine {
                 return;
             }
             if skip_launch {
-                // FIXME: Fly does not document where a `skip_launch` machine settles; the
-                // emulator leaves it `stopped` so that `start` can boot it.
+                // Fly does not document where a `skip_launch` machine settles; the emulator
+                // leaves it `stopped` so that `start` can boot it.
                 push_event(&mut record.machine, "launch", MachineState::Stopped, "flyd");
             } else {
                 engine.boot(&mut inner, &app, &id);

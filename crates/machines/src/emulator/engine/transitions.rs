@@ -71,9 +71,8 @@ impl Engine {
             if let Some(old) = old {
                 let (signal, grace) = stop_parameters(&old_stop, None)
                     .unwrap_or((Signal::SIGINT, DEFAULT_STOP_TIMEOUT));
-                let group = old.group;
-                terminate(old, signal, grace).await;
-                lock(&engine.inner).retiring.remove(&group);
+                terminate(old.group, old.exited, signal, grace).await;
+                lock(&engine.inner).retiring.remove(&old.group);
             }
             tokio::select! {
                 _ = engine.cancel.cancelled() => return,
@@ -123,8 +122,8 @@ impl Engine {
                 }
                 None => self.boot(&mut inner, app, id),
             },
-            // FIXME: Fly's answer to starting a started machine is undocumented; the
-            // emulator treats it as done.
+            // Fly does not document its answer to starting a started machine; the emulator
+            // treats it as done.
             MachineState::Started => {}
             other => {
                 return Err(ApiError::failed_precondition(format!(
@@ -164,13 +163,7 @@ impl Engine {
                         signal_group(proc.group, Signal::SIGCONT);
                     }
                     Some(proc) => {
-                        let proc = Proc {
-                            group: proc.group,
-                            generation: proc.generation,
-                            started: proc.started,
-                            exited: proc.exited.clone(),
-                        };
-                        tokio::spawn(terminate(proc, signal, grace));
+                        tokio::spawn(terminate(proc.group, proc.exited.clone(), signal, grace));
                     }
                     None => {
                         let record = record_of(&mut inner, app, id);
@@ -330,13 +323,17 @@ pub(super) fn stop_parameters(
 }
 
 /// Sends `signal`, waits up to `grace` for the process to exit, then SIGKILLs the group.
-pub(super) async fn terminate(proc: Proc, signal: Signal, grace: Duration) {
-    let mut exited = proc.exited;
-    signal_group(proc.group, signal);
+pub(super) async fn terminate(
+    group: i32,
+    mut exited: watch::Receiver<bool>,
+    signal: Signal,
+    grace: Duration,
+) {
+    signal_group(group, signal);
     // A frozen process cannot act on the signal until it runs again.
-    signal_group(proc.group, Signal::SIGCONT);
+    signal_group(group, Signal::SIGCONT);
     if tokio::time::timeout(grace, exited.wait_for(|done| *done)).await.is_err() {
-        signal_group(proc.group, Signal::SIGKILL);
+        signal_group(group, Signal::SIGKILL);
         let _ = tokio::time::timeout(DEFAULT_STOP_TIMEOUT, exited.wait_for(|done| *done)).await;
     }
 }
