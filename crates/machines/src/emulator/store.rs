@@ -115,15 +115,16 @@ impl StateDir {
         Ok(store)
     }
 
-    /// Writes the store atomically: a temporary file, flushed to disk, renamed over the old.
+    /// Writes the store atomically: a temporary file renamed over the old one, so that a
+    /// killed emulator leaves the old state or the new one. There is no fsync: it would
+    /// cost milliseconds on every call, under the lock, to survive only a power cut.
     pub fn save(&self, store: &Store) -> Result<(), StateError> {
         let path = self.root.join(STATE_FILE);
         let temporary = self.root.join(format!("{STATE_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(store)
+        let text = serde_json::to_vec(store)
             .map_err(|source| StateError::Parse { path: path.display().to_string(), source })?;
         let mut file = std::fs::File::create(&temporary).map_err(io("creating", &temporary))?;
         file.write_all(&text).map_err(io("writing", &temporary))?;
-        file.sync_all().map_err(io("syncing", &temporary))?;
         std::fs::rename(&temporary, &path).map_err(io("renaming", &temporary))?;
         Ok(())
     }
