@@ -195,12 +195,18 @@ impl Config {
             .get(SUPABASE_JWKS_URL)
             .unwrap_or_else(|| format!("{supabase_url}/auth/v1/.well-known/jwks.json"));
         check_url(SUPABASE_JWKS_URL, &jwks_url)?;
-        let allowed_origins = env
+        let allowed_origins: Vec<String> = env
             .get(ROUTER_ALLOWED_ORIGINS)
             .map(|list| {
                 list.split(',').map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect()
             })
             .unwrap_or_default();
+        if let Some(bad) = allowed_origins.iter().find(|o| !is_origin(o)) {
+            return Err(ConfigError::Invalid {
+                name: ROUTER_ALLOWED_ORIGINS,
+                reason: format!("{bad:?} is not an origin like https://app.example.com"),
+            });
+        }
         let auth = AuthConfig {
             supabase_url,
             hs256_secret: env.get(SUPABASE_JWT_SECRET),
@@ -342,6 +348,15 @@ fn parse_bool(raw: &str) -> Result<bool, String> {
     }
 }
 
+/// `scheme://host[:port]`, nothing more: what browsers send in `Origin`.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once("://") else { return false };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@'])
+        && rest.parse::<http::uri::Authority>().is_ok()
+}
+
 fn check_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some());
@@ -421,6 +436,11 @@ mod tests {
             SUPABASE_URL,
             Some("abcd.supabase.co"),
             "SUPABASE_URL is malformed: expected an http(s) URL",
+        );
+        check_err(
+            ROUTER_ALLOWED_ORIGINS,
+            Some("https://a.example, https://b.example/app"),
+            "ROUTER_ALLOWED_ORIGINS is malformed: \"https://b.example/app\" is not an origin like https://app.example.com",
         );
     }
 }

@@ -244,3 +244,38 @@ async fn internal_wake_and_admin_routes() {
     let ready = env.http.get(format!("{}/readyz", env.base)).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_wakes_are_bounded() {
+    let Some(env) = TestEnv::start(Options { max_pending_wakes: 2, ..Options::default() }).await
+    else {
+        return;
+    };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+    let machine = env.machine_of(user).await;
+    env.suspend(&machine.id).await;
+    // Three refused starts keep the wake going for a few hundred milliseconds.
+    let fault = serde_json::json!({"action": "start", "status": 412, "count": 3});
+    env.emulator_post("faults", fault).await;
+
+    let replica = env.replica().await;
+    let base = format!("https://{}", replica.addr);
+    let token = Arc::new(env.token(user));
+    let http = env.http.clone();
+    let responses = concurrently(10, |_| {
+        let (base, token, http) = (base.clone(), token.clone(), http.clone());
+        async move {
+            let response = http.get(format!("{base}/echo")).bearer_auth(&*token).send().await;
+            let response = response.expect("request");
+            (response.status().as_u16(), response.headers().contains_key("retry-after"))
+        }
+    })
+    .await;
+
+    let refused: Vec<_> = responses.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(!refused.is_empty(), "no request was turned away: {responses:?}");
+    assert!(refused.iter().all(|(_, retry_after)| *retry_after), "503 without Retry-After");
+    assert!(responses.iter().all(|(s, _)| *s == 200 || *s == 503), "{responses:?}");
+    assert!(responses.iter().any(|(s, _)| *s == 200), "{responses:?}");
+}
