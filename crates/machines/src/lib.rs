@@ -3,6 +3,7 @@
 //! ([`emulator`], binary `fly-emulator`).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod emulator;
