@@ -553,3 +553,27 @@ async fn every_call_has_a_timeout() {
     assert!(lease.is_timeout(), "{lease:?}");
     accept.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_is_refused_while_stopping_or_suspending_and_stop_ends_with_sigkill() {
+    let env = Env::start().await;
+    env.settings(SettingsPatch { suspending_ms: Some(1000), ..Default::default() }).await;
+    let stubborn = env.started("stubborn").await;
+    let sleeper = env.started("sleeper").await;
+
+    // The process ignores SIGINT: the machine stays `stopping` until the SIGKILL.
+    let stop = StopRequest { signal: None, timeout: Some("1500ms".into()) };
+    env.fly.stop_machine(&stubborn.id, &stop, None).await.unwrap();
+    env.fly.suspend_machine(&sleeper.id, None).await.unwrap();
+
+    for (machine, state) in [(&stubborn, "'stopping'"), (&sleeper, "'suspending'")] {
+        let error = env.fly.start_machine(&machine.id, None).await.unwrap_err();
+        assert!(error.is_precondition_failed(), "{error}");
+        assert!(error.to_string().contains(state), "{error}");
+    }
+    let version = stubborn.instance_id.as_str();
+    env.fly.wait_machine(&stubborn.id, WaitState::Stopped, Some(version), LONG).await.unwrap();
+    let exit = env.fly.get_machine(&stubborn.id).await.unwrap().events[0].clone();
+    assert_eq!(exit.request.unwrap()["exit_event"]["signal"], 9, "killed by SIGKILL");
+    env.fly.wait_machine(&sleeper.id, WaitState::Suspended, None, LONG).await.unwrap();
+}

@@ -48,6 +48,7 @@ pub fn image_map() -> ImageMap {
             "{mount:/data}",
         ]),
     );
+    images.insert("stubborn".to_owned(), spec(&["sh", "-c", "trap '' INT TERM; sleep 600"]));
     images.insert("crash".to_owned(), spec(&["sh", "-c", "echo booting; exit 3"]));
     let mut unhealthy = spec(&["sleep", "600"]);
     unhealthy.fail_health = true;
