@@ -275,6 +275,7 @@ async fn leases_conflict_and_guard_mutating_calls_with_their_nonce() {
     assert_eq!(status, 400, "release without a nonce");
     env.fly.release_lease(&machine.id, &nonce).await.unwrap();
     assert!(env.fly.get_lease(&machine.id).await.unwrap_err().is_not_found());
+    env.fly.release_lease(&machine.id, &nonce).await.expect("a released lease stays released");
     env.fly.start_machine(&machine.id, None).await.unwrap();
 }
 
@@ -576,4 +577,30 @@ async fn start_is_refused_while_stopping_or_suspending_and_stop_ends_with_sigkil
     let exit = env.fly.get_machine(&stubborn.id).await.unwrap().events[0].clone();
     assert_eq!(exit.request.unwrap()["exit_event"]["signal"], 9, "killed by SIGKILL");
     env.fly.wait_machine(&sleeper.id, WaitState::Suspended, None, LONG).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_versioned_update_whose_answer_is_lost_is_not_sent_twice() {
+    let env = Env::start().await;
+    let machine = env.started("sleeper").await;
+    let update = UpdateMachineRequest {
+        config: machine.config.clone(),
+        current_version: Some(machine.instance_id.clone()),
+        ..Default::default()
+    };
+    env.fault(json!({"action": "update", "status": 503, "count": 1, "after": true})).await;
+
+    let error = env.fly.update_machine(&machine.id, &update, None).await.unwrap_err();
+
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(503), "{error}");
+    assert_eq!(env.stats().await.get("update"), Some(&1));
+    let now = env.fly.get_machine(&machine.id).await.unwrap();
+    assert_ne!(now.instance_id, machine.instance_id, "the update did happen");
+
+    // Without a version, sending it again is harmless, so it is retried.
+    env.fault(json!({"action": "update", "status": 503, "count": 1})).await;
+    env.fly.wait_machine(&machine.id, WaitState::Started, None, LONG).await.unwrap();
+    let unversioned = UpdateMachineRequest { current_version: None, ..update };
+    env.fly.update_machine(&machine.id, &unversioned, None).await.unwrap();
+    assert_eq!(env.stats().await.get("update"), Some(&3));
 }

@@ -43,11 +43,16 @@ impl FlyClient {
         self.json(self.call("get_lease", Some(id), Method::GET, &path)).await
     }
 
-    /// Releases a lease this client holds.
+    /// Releases a lease this client holds; a lease that is already gone counts as released.
     pub async fn release_lease(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
         let path = ["machines", id, "lease"];
         let mut call = self.call("release_lease", Some(id), Method::DELETE, &path);
         call.nonce = Some(nonce);
-        self.send(&call).await.map(drop)
+        match self.send(&call).await {
+            // No lease is held any more: what releasing wanted (a retry after a lost
+            // answer, or a lease that expired).
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(drop),
+        }
     }
 }

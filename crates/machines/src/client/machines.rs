@@ -83,6 +83,9 @@ impl FlyClient {
         let mut call = self.call("update_machine", Some(id), Method::POST, &["machines", id]);
         call.body = Some(to_json("update_machine", request)?);
         call.nonce = nonce;
+        if request.current_version.is_some() {
+            call.idempotence = Idempotence::Unsafe;
+        }
         self.json(call).await
     }
 

@@ -6,8 +6,11 @@
 //!
 //! - a 429 or a refused connection means the request was not acted on: every call is retried;
 //! - a 5xx, a timeout or a broken connection is ambiguous (the call may have happened):
-//!   reads, `update`, `start`, `stop`, `suspend`, `delete` and lease releases are retried
-//!   because doing them twice leaves the same result;
+//!   reads, `update` without `current_version`, `start`, `stop`, `suspend`, `delete` and
+//!   lease releases are retried because doing them twice leaves the same result (a release
+//!   that finds no lease counts as done);
+//! - an `update` with `current_version` is not retried after an ambiguous failure: had the
+//!   first attempt worked, the retry would be refused for the version it just changed;
 //! - `create_machine` stamps the config's metadata with a fresh [`CREATE_KEY_METADATA`]
 //!   value, and after an ambiguous failure lists the app's machines by that key: when the
 //!   first attempt did create the machine, that machine is returned instead of creating a
