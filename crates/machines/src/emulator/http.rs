@@ -66,6 +66,9 @@ impl Route {
             key: key.map(str::to_owned),
         };
         let m = method.as_str();
+        if segments.iter().any(|segment| segment.is_empty()) {
+            return None;
+        }
         Some(match segments {
             ["v1", "apps"] if m == "POST" => route("app_create", "", None, None),
             ["v1", "apps", app] if m == "GET" => route("app_get", app, None, None),
