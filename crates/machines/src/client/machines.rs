@@ -29,19 +29,21 @@ impl FlyClient {
             else {
                 return Err(error);
             };
-            tracing::warn!(call = "create_machine", error = %error, delay_ms = delay.as_millis() as u64, "retrying");
+            tracing::warn!(
+                call = "create_machine",
+                error = %error,
+                delay_ms = delay.as_millis() as u64,
+                "Fly API call failed, retrying"
+            );
             tokio::time::sleep(delay).await;
             retry += 1;
 
             // The failed attempt may have created the machine: look for it by its key.
             if !unsent {
                 let filter = ListMachines::with_metadata(CREATE_KEY_METADATA, key.clone());
-                match self.list_machines(&filter).await {
-                    Ok(found) if !found.is_empty() => {
-                        return Ok(found.into_iter().next().expect("non-empty"))
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Err(error),
+                let Ok(found) = self.list_machines(&filter).await else { return Err(error) };
+                if let Some(machine) = found.into_iter().next() {
+                    return Ok(machine);
                 }
             }
         }
@@ -181,7 +183,7 @@ impl FlyClient {
                             waited: started.elapsed(),
                         });
                     }
-                    tracing::debug!(machine = id, state = %state, "wait slice ran out, asking again");
+                    tracing::debug!(machine = id, state = %state, "wait slice ran out");
                 }
                 Err(e) => return Err(e),
             }

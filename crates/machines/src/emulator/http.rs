@@ -249,7 +249,12 @@ impl Api {
         match result {
             Ok((status, body)) => answer(status, body),
             Err(error) => {
-                tracing::debug!(action = call.route.action, status = %error.status, error = %error.error, "answering an error");
+                tracing::debug!(
+                    action = call.route.action,
+                    status = %error.status,
+                    error = %error.error,
+                    "answering an error"
+                );
                 error_answer(&error)
             }
         }

@@ -32,14 +32,18 @@
 //!
 //! # Test controls (never under `/v1`, no token needed)
 //!
-//! | call | effect |
-//! | --- | --- |
-//! | `GET /_emulator/stats` | calls received per action: `{"create": 1, "start": 2, ...}` |
-//! | `DELETE /_emulator/stats` | resets the counts |
-//! | `POST /_emulator/faults` | `{"action": "create", "status": 503, "count": 2, "retry_after": 1, "machine_id": null, "after": false}`: answer the next `count` matching calls with `status` (and `Retry-After`); with `after`, the call is carried out first and its answer replaced, a lost response |
-//! | `GET`/`DELETE /_emulator/faults` | lists / clears pending faults |
-//! | `GET /_emulator/settings` | the current [`Settings`] |
-//! | `POST /_emulator/settings` | changes some of them: `{"replacing_ms": 2000, "rate_limit": {"per_second": 1, "burst": 3, "get_per_second": 5, "get_burst": 10}}` |
+//! - `GET /_emulator/stats`: calls received per action, `{"create": 1, "start": 2, ...}`;
+//!   `DELETE` resets the counts.
+//! - `POST /_emulator/faults` with
+//!   `{"action": "create", "status": 503, "count": 2, "retry_after": 1}` answers the next
+//!   `count` calls of that action with `status` (and `Retry-After` when given). Optional
+//!   `"machine_id"` limits it to one machine; `"after": true` carries the call out first
+//!   and then replaces its answer, a lost response. `GET` lists pending faults, `DELETE`
+//!   clears them.
+//! - `GET /_emulator/settings` shows the current [`Settings`]; `POST` changes some of
+//!   them, e.g. `{"replacing_ms": 2000}` or
+//!   `{"rate_limit": {"per_second": 1, "burst": 3, "get_per_second": 5, "get_burst": 10}}`
+//!   (`{"rate_limit": null}` turns the limit off).
 //!
 //! Action names: `app_create`, `app_get`, `create`, `list`, `get`, `update`, `delete`,
 //! `start`, `stop`, `suspend`, `wait`, `lease_acquire`, `lease_get`, `lease_release`,
@@ -194,7 +198,7 @@ async fn serve(listener: TcpListener, api: Arc<http::Api>, cancel: CancellationT
                 _ = cancel.cancelled() => {}
                 result = connection => {
                     if let Err(e) = result {
-                        tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+                        tracing::debug!(client.addr = %peer, error = %e, "connection error");
                     }
                 }
             }

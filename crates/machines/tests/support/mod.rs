@@ -53,7 +53,10 @@ pub fn image_map() -> ImageMap {
     let mut unhealthy = spec(&["sleep", "600"]);
     unhealthy.fail_health = true;
     images.insert("unhealthy".to_owned(), unhealthy);
-    let mut recorder = spec(&["sh", "-c", "env > {mount:/data}/env.txt; echo {machine_id} {app} {port} > {mount:/data}/args.txt; exec sleep 600"]);
+    let record = "env > {mount:/data}/env.txt; \
+                  echo {machine_id} {app} {port} > {mount:/data}/args.txt; \
+                  exec sleep 600";
+    let mut recorder = spec(&["sh", "-c", record]);
     recorder.env.insert("IMAGE_VAR".to_owned(), "from-image".to_owned());
     images.insert("recorder".to_owned(), recorder);
     ImageMap { images, app_env: BTreeMap::from([("APP_SECRET".to_owned(), "s3cr3t".to_owned())]) }

@@ -42,10 +42,22 @@ pub struct Cli {
     #[arg(long, env = REGION_VAR)]
     region: Option<String>,
     /// Apply Fly's per-action rate limit (1 req/s, burst 3; get 5 req/s, burst 10).
-    #[arg(long, env = RATE_LIMIT_VAR, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(
+        long,
+        env = RATE_LIMIT_VAR,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     rate_limit: Option<String>,
     /// Give machines a new private address on every start.
-    #[arg(long, env = REASSIGN_VAR, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(
+        long,
+        env = REASSIGN_VAR,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     reassign_addresses: Option<String>,
 }
 

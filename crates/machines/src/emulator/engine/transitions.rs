@@ -45,7 +45,7 @@ impl Engine {
         };
         if volumes(&machine.config) != volumes(&request.config) {
             return Err(ApiError::invalid_argument(
-                "the mounted volume cannot be changed by an update: destroy and recreate the machine",
+                "the mounted volume cannot change: destroy and recreate the machine",
             ));
         }
 
