@@ -291,3 +291,22 @@ async fn a_corrupt_blob_fails_naming_the_blob_and_the_registry_code() {
     assert_eq!(error.registry_code(), Some("DIGEST_INVALID"), "{message}");
     assert!(message.contains(middle.as_str()), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follows_relative_locations_and_retries_5xx() {
+    init();
+    let Some(server) = RegistryServer::start(Auth::Anonymous) else { return };
+    let proxy = support::rewrite::RewritingProxy::start(server.port).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = image(&work.path().join("image"), "relative");
+    let through_proxy = reference(proxy.port, "matrix/daemon");
+
+    let client = Client::new(&through_proxy, small_chunks()).expect("client");
+    let pushed = client.push_layout(&image.dir, None, &through_proxy).await.expect("push");
+
+    assert_eq!(pushed.digest, image.manifest_digest);
+    assert_eq!(proxy.injected_failures(), (1, 1));
+    assert!(proxy.relative_locations() >= 4, "{}", proxy.relative_locations());
+    assert!(client.stats().retries >= 2, "{:?}", client.stats());
+    assert_pulls_back_identical(&image, &reference(server.port, "matrix/daemon").to_string(), None);
+}

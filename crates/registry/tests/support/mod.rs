@@ -3,5 +3,6 @@
 
 pub mod images;
 pub mod proxy;
+pub mod rewrite;
 pub mod server;
 pub mod token;
