@@ -147,22 +147,38 @@ fn wait_for_file(path: &Path, dev: &mut ChildGuard, within: Duration) -> Value {
     }
 }
 
-/// Reads SSE events from `response` until one of kind `kind` contains `needle`.
-async fn read_event_containing(response: reqwest::Response, kind: &str, needle: &str) -> String {
+/// Reads SSE events from `response` until the `say` events, joined, contain `needle`.
+/// Returns the ids of the events read, which must all be present.
+async fn read_said(response: reqwest::Response, needle: impl AsRef<str>) -> Vec<u64> {
     let mut stream = response.bytes_stream();
     let mut buffer = String::new();
+    let mut said = String::new();
+    let mut ids = Vec::new();
+    let needle = needle.as_ref();
     let read = async {
         while let Some(chunk) = stream.next().await {
             buffer.push_str(&String::from_utf8_lossy(&chunk.expect("SSE chunk")));
             while let Some(end) = buffer.find("\n\n") {
                 let event: String = buffer.drain(..end + 2).collect();
-                let is_kind = event.lines().any(|l| l == format!("event: {kind}"));
-                if is_kind && event.contains(needle) {
-                    return event;
+                if event.starts_with(':') {
+                    continue; // a comment: keep-alive or greeting
+                }
+                let field = |name: &str| {
+                    event.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned)
+                };
+                let id = field("id: ").expect("every event has an id");
+                ids.push(id.parse::<u64>().expect("numeric id"));
+                if field("event: ").as_deref() == Some("say") {
+                    let data: Value =
+                        serde_json::from_str(&field("data: ").expect("data")).expect("JSON data");
+                    said.push_str(data["text"].as_str().expect("say text"));
+                    if said.contains(needle) {
+                        return ids;
+                    }
                 }
             }
         }
-        panic!("SSE stream ended before a `{kind}` event with {needle:?}");
+        panic!("SSE stream ended before the transcript said {needle:?}; it said {said:?}");
     };
     tokio::time::timeout(Duration::from_secs(30), read).await.expect("SSE event in time")
 }
@@ -187,11 +203,11 @@ async fn two_users_chat_sleep_wake_and_stay_apart() {
         assert_eq!(events.status(), 200);
         let message = format!("hello from {}", user.id);
         let expected = harness::llm::expected_reply(&message);
-        let reader = tokio::spawn(read_event_containing(events, "say", "hello from"));
+        let reader = tokio::spawn(read_said(events, expected.clone()));
         let reply = topology.chat(user, &message).await;
         assert_eq!(reply["reply"], expected.as_str(), "the model's reply comes back");
-        let event = reader.await.expect("SSE reader");
-        assert!(event.contains("id: "), "every event has an id: {event}");
+        let ids = reader.await.expect("SSE reader");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "event ids increase: {ids:?}");
     }
 
     // Isolation: one machine's daemon token is refused by the other user's daemon.
@@ -227,8 +243,7 @@ async fn two_users_chat_sleep_wake_and_stay_apart() {
             .await
             .expect("GET /events");
         let message = format!("hello from {}", user.id);
-        let earlier = harness::llm::expected_reply(&message);
-        read_event_containing(events, "say", &earlier[..earlier.len().min(12)]).await;
+        read_said(events, &harness::llm::expected_reply(&message)).await;
         topology.wait_for_state(user, "started", Duration::from_secs(5)).await;
     }
 }
