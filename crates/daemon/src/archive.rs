@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::layout::SNAPSHOT_DIRS;
+use crate::layout::{TreeHasher, SNAPSHOT_DIRS};
 
 const ZSTD_LEVEL: i32 = 3;
 /// Permission bits kept in an archive.
@@ -100,32 +100,54 @@ fn append_entry<W: Write>(
 
 /// Unpacks an archive made by [`pack`] into `dest` (which should be empty), refusing any
 /// entry that is not a directory or regular file under one of the snapshot directories.
-/// Every file and directory is synced before this returns.
-pub fn unpack(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
+/// Every file and directory is synced before this returns. Returns the unpacked tree's
+/// [`tree_digest`](crate::layout::tree_digest), computed on the way.
+pub fn unpack(archive: &Path, dest: &Path) -> Result<String, ArchiveError> {
     let file = File::open(archive).map_err(io_err("opening", archive))?;
-    let decoder =
-        zstd::Decoder::new(BufReader::new(file)).map_err(io_err("decompressing", archive))?;
+    unpack_from(BufReader::new(file), dest)
+}
+
+/// Like [`unpack`], reading the compressed archive from `reader`.
+pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveError> {
+    let decoder = zstd::Decoder::new(reader).map_err(io_err("decompressing", dest))?;
     let mut tar = tar::Archive::new(decoder);
+    let mut digest = TreeHasher::new();
     let mut dirs = Vec::new();
-    for entry in tar.entries().map_err(io_err("reading", archive))? {
-        let mut entry = entry.map_err(io_err("reading", archive))?;
-        let path = entry.path().map_err(io_err("reading", archive))?.into_owned();
+    for entry in tar.entries().map_err(io_err("reading the archive for", dest))? {
+        let mut entry = entry.map_err(io_err("reading the archive for", dest))?;
+        let path = entry.path().map_err(io_err("reading the archive for", dest))?.into_owned();
         check_entry(&path, entry.header().entry_type())?;
         let target = dest.join(&path);
-        let mode = entry.header().mode().map_err(io_err("reading", archive))? & ARCHIVED_MODE_BITS;
+        let mode = entry.header().mode().map_err(io_err("reading the archive for", dest))?
+            & ARCHIVED_MODE_BITS;
         if entry.header().entry_type() == EntryType::Directory {
             std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
+            digest.dir(&path);
             dirs.push((target, mode));
-        } else {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-            }
-            let mut out = File::create(&target).map_err(io_err("creating", &target))?;
-            io::copy(&mut entry, &mut out).map_err(io_err("writing", &target))?;
-            out.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(io_err("setting the mode of", &target))?;
-            out.sync_all().map_err(io_err("syncing", &target))?;
+            continue;
         }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        }
+        digest.begin_file(&path, mode & 0o111 != 0);
+        let mut out = BufWriter::with_capacity(
+            1 << 20,
+            File::create(&target).map_err(io_err("creating", &target))?,
+        );
+        let mut buffer = vec![0; 1 << 20];
+        loop {
+            let read =
+                entry.read(&mut buffer).map_err(io_err("reading the archive for", &target))?;
+            if read == 0 {
+                break;
+            }
+            digest.update(&buffer[..read]);
+            out.write_all(&buffer[..read]).map_err(io_err("writing", &target))?;
+        }
+        let out = out.into_inner().map_err(|e| io_err("writing", &target)(e.into_error()))?;
+        out.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting the mode of", &target))?;
+        out.sync_all().map_err(io_err("syncing", &target))?;
     }
     // Directories last, deepest first: their modes may forbid writing, and syncing them
     // makes their entries durable.
@@ -135,7 +157,8 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
             .map_err(io_err("setting the mode of", dir))?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
     }
-    File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))
+    File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))?;
+    Ok(digest.finish())
 }
 
 fn check_entry(path: &Path, kind: EntryType) -> Result<(), ArchiveError> {
@@ -225,11 +248,6 @@ mod tests {
         );
         tree(a.path());
         tree(b.path());
-        std::fs::set_permissions(
-            a.path().join("workspace/src"),
-            std::fs::Permissions::from_mode(0o700),
-        )
-        .unwrap();
 
         let first = pack(a.path(), &out.path().join("a.tar.zst")).unwrap();
         let second = pack(b.path(), &out.path().join("b.tar.zst")).unwrap();

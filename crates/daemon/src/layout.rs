@@ -171,55 +171,106 @@ impl DataDir {
     }
 }
 
-/// A digest of `root/cortex` and `root/workspace`: every path (sorted), its kind, its
-/// executable bit and its contents. Equal digests mean equal snapshot contents.
+/// A digest of `root/cortex` and `root/workspace`: every path (in walk order, names
+/// sorted), its kind, its executable bit and its contents. Equal digests mean equal
+/// snapshot contents.
 pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
-    let mut hasher = Sha256::new();
+    let mut digest = TreeHasher::new();
     for dir in SNAPSHOT_DIRS {
         let base = root.join(dir);
         if !base.exists() {
             continue;
         }
-        let walk = walkdir::WalkDir::new(&base).sort_by_file_name();
-        for entry in walk {
+        for entry in walkdir::WalkDir::new(&base).sort_by_file_name() {
             let entry = entry.map_err(|e| LayoutError::Io {
                 action: "walking",
                 path: base.clone(),
                 source: e.into(),
             })?;
             let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
-            hasher.update(relative.as_os_str().as_encoded_bytes());
-            hasher.update([0]);
             let file_type = entry.file_type();
             if file_type.is_dir() {
-                hasher.update(b"d");
+                digest.dir(relative);
             } else if file_type.is_file() {
                 let mode = entry.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-                hasher.update(if mode & 0o111 != 0 { b"x" } else { b"f" });
-                hash_file(&mut hasher, entry.path())?;
+                digest.begin_file(relative, mode & 0o111 != 0);
+                hash_file(&mut digest, entry.path())?;
             } else {
-                hasher.update(b"o");
+                digest.other(relative);
             }
-            hasher.update([0]);
         }
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(digest.finish())
 }
 
-fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), LayoutError> {
+/// Builds a [`tree_digest`] from entries given in walk order; restore uses it to digest a
+/// tree while unpacking it, instead of reading it back.
+#[derive(Debug, Clone, Default)]
+pub struct TreeHasher {
+    hasher: Sha256,
+    file_length: u64,
+    in_file: bool,
+}
+
+impl TreeHasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn dir(&mut self, relative: &Path) {
+        self.end_file();
+        self.entry(relative, b"d");
+        self.hasher.update([0]);
+    }
+
+    pub fn other(&mut self, relative: &Path) {
+        self.end_file();
+        self.entry(relative, b"o");
+        self.hasher.update([0]);
+    }
+
+    /// Starts a file; its contents follow through [`TreeHasher::update`].
+    pub fn begin_file(&mut self, relative: &Path, executable: bool) {
+        self.end_file();
+        self.entry(relative, if executable { b"x" } else { b"f" });
+        self.in_file = true;
+        self.file_length = 0;
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.file_length += bytes.len() as u64;
+    }
+
+    pub fn finish(mut self) -> String {
+        self.end_file();
+        hex::encode(self.hasher.finalize())
+    }
+
+    fn entry(&mut self, relative: &Path, kind: &[u8]) {
+        self.hasher.update(relative.as_os_str().as_encoded_bytes());
+        self.hasher.update([0]);
+        self.hasher.update(kind);
+    }
+
+    fn end_file(&mut self) {
+        if std::mem::take(&mut self.in_file) {
+            self.hasher.update(self.file_length.to_le_bytes());
+            self.hasher.update([0]);
+        }
+    }
+}
+
+fn hash_file(digest: &mut TreeHasher, path: &Path) -> Result<(), LayoutError> {
     let mut file = File::open(path).map_err(LayoutError::io("reading", path))?;
     let mut buffer = vec![0; 256 * 1024];
-    let mut length: u64 = 0;
     loop {
         let read = file.read(&mut buffer).map_err(LayoutError::io("reading", path))?;
         if read == 0 {
-            break;
+            return Ok(());
         }
-        length += read as u64;
-        hasher.update(&buffer[..read]);
+        digest.update(&buffer[..read]);
     }
-    hasher.update(length.to_le_bytes());
-    Ok(())
 }
 
 /// Writes a file that must not exist yet, durably.

@@ -1,8 +1,12 @@
 //! Restoring a snapshot so that a kill at any moment leaves the old state or the new one,
 //! and the next run finishes the job.
 //!
-//! 1. Download the archive into `/data/.restore/` (same filesystem) and check its sha256.
-//! 2. Unpack it into `.restore/tree/`, syncing every file and directory.
+//! 1. Stream the archive from the store and unpack it as it arrives into
+//!    `/data/.restore/tree/` (same filesystem), syncing every file and directory. The
+//!    staging tree is never live: only after the download's size and sha256 match the
+//!    manifest does the restore go on (unpacking refuses any entry outside the tree, so an
+//!    archive that fails the check has touched nothing but the staging directory).
+//! 2. (folded into 1)
 //! 3. Write the new state file to `.restore/state.json`.
 //! 4. Write the `.restore/READY` marker: from here on the restore is committed.
 //! 5. Roll forward: for `cortex` and `workspace`, move the live directory to
@@ -17,7 +21,7 @@ use std::path::Path;
 
 use crate::archive;
 use crate::failpoint;
-use crate::layout::{self, sync_dir, tree_digest, DataDir, LayoutError, State, SNAPSHOT_DIRS};
+use crate::layout::{self, sync_dir, DataDir, LayoutError, State, SNAPSHOT_DIRS};
 use crate::snapshot::SnapshotError;
 use crate::store::{Manifest, SnapshotStore};
 
@@ -33,17 +37,10 @@ pub async fn restore(
     let staging = data.restore_dir();
     std::fs::create_dir_all(&staging).map_err(LayoutError::io("creating", &staging))?;
 
-    let archive_path = staging.join("archive.tar.zst");
-    store.download(manifest, &archive_path).await?;
-    failpoint::hit("restore.downloaded");
-
     let tree = staging.join("tree");
-    let (from, into) = (archive_path.clone(), tree.clone());
-    tokio::task::spawn_blocking(move || archive::unpack(&from, &into)).await??;
-    std::fs::remove_file(&archive_path).map_err(LayoutError::io("removing", &archive_path))?;
+    let digest = download_and_unpack(store, manifest, tree).await?;
     failpoint::hit("restore.unpacked");
 
-    let digest = tree_digest(&tree)?;
     let state = serde_json::to_string_pretty(&State::new(manifest.generation, digest))
         .expect("state serializes");
     layout::write_atomic(&staging.join("state.json"), format!("{state}\n").as_bytes())?;
@@ -53,6 +50,52 @@ pub async fn restore(
     roll_forward(data)?;
     tracing::debug!(generation = manifest.generation, "snapshot restored");
     Ok(())
+}
+
+/// Downloads and unpacks at once: the download feeds a bounded channel that a blocking
+/// thread decompresses and unpacks from. Returns the tree digest.
+async fn download_and_unpack(
+    store: &SnapshotStore,
+    manifest: &Manifest,
+    tree: std::path::PathBuf,
+) -> Result<String, SnapshotError> {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
+    let unpacking = tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader { receiver, current: bytes::Bytes::new() };
+        archive::unpack_from(std::io::BufReader::with_capacity(1 << 20, reader), &tree)
+    });
+    let downloaded = store.download(manifest, sender).await;
+    let unpacked = unpacking.await?;
+    match (downloaded, unpacked) {
+        // An unpacking failure is reported as such only when the archive was intact.
+        (Err(crate::store::StoreError::SinkClosed), Err(e)) => Err(e.into()),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Ok(()), Ok(digest)) => Ok(digest),
+    }
+}
+
+/// Chunks in flight between the download and the unpacker.
+const CHANNEL_CHUNKS: usize = 16;
+
+/// Reads the bytes sent through a channel; the end of the channel is the end of input.
+struct ChannelReader {
+    receiver: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let count = buf.len().min(self.current.len());
+        buf[..count].copy_from_slice(&self.current.split_to(count));
+        Ok(count)
+    }
 }
 
 /// Finishes or discards a restore that a previous run left behind.

@@ -23,7 +23,6 @@ use s3::error::S3Error;
 use s3::{Bucket, Region};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::config::S3Config;
@@ -56,6 +55,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the reader of the downloaded archive stopped early")]
+    SinkClosed,
     #[error("configuring the S3 client")]
     Client(#[source] S3Error),
 }
@@ -188,31 +189,43 @@ impl SnapshotStore {
         }
     }
 
-    /// Downloads the archive `manifest` names to `dest`, checking its size and sha256.
-    pub async fn download(&self, manifest: &Manifest, dest: &Path) -> Result<(), StoreError> {
+    /// Streams the archive `manifest` names into `sink`, then checks its size and sha256:
+    /// `Ok` means every byte `sink` got was the archive's. When `sink` closes early the
+    /// rest is still read and checked, so a corrupt archive is reported as such
+    /// (`SizeMismatch`, `DigestMismatch`) rather than as whatever choked on it (`Sink`).
+    pub async fn download(
+        &self,
+        manifest: &Manifest,
+        sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
         let key = &manifest.archive_key;
-        let file = tokio::fs::File::create(dest).await.map_err(io("creating", dest))?;
-        let mut writer = HashingAsyncWriter { inner: file, hasher: Sha256::new(), size: 0 };
         let mut stream = self
             .bucket
             .get_object_stream(key)
             .await
             .map_err(|source| request("get", key, source))?;
-        use futures_util::StreamExt;
+        let (mut hasher, mut size, mut sink_closed) = (Sha256::new(), 0u64, false);
         while let Some(chunk) = stream.bytes().next().await {
             let chunk = chunk.map_err(|source| request("get", key, source))?;
-            writer.write(&chunk).await.map_err(io("writing", dest))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            if !sink_closed {
+                sink_closed = sink.send(chunk).await.is_err();
+            }
         }
-        writer.inner.sync_all().await.map_err(io("syncing", dest))?;
 
-        if writer.size != manifest.size {
-            let (expected, actual) = (manifest.size, writer.size);
+        if size != manifest.size {
+            let (expected, actual) = (manifest.size, size);
             return Err(StoreError::SizeMismatch { key: key.clone(), expected, actual });
         }
-        let actual = hex::encode(writer.hasher.finalize());
+        let actual = hex::encode(hasher.finalize());
         if actual != manifest.sha256 {
             let expected = manifest.sha256.clone();
             return Err(StoreError::DigestMismatch { key: key.clone(), expected, actual });
+        }
+        if sink_closed {
+            return Err(StoreError::SinkClosed);
         }
         Ok(())
     }
@@ -248,21 +261,6 @@ impl Manifest {
             size,
             created_at: Utc::now(),
         }
-    }
-}
-
-struct HashingAsyncWriter {
-    inner: tokio::fs::File,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl HashingAsyncWriter {
-    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
-        self.inner.write_all(chunk).await?;
-        self.hasher.update(chunk);
-        self.size += chunk.len() as u64;
-        Ok(())
     }
 }
 

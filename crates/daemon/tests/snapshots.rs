@@ -112,7 +112,6 @@ async fn a_restore_killed_at_any_step_is_finished_by_the_next_run() {
     let source = pushed_volume(&store, "new");
     let expected = snapshot_tree_hash(source.path());
     let steps = [
-        "restore.downloaded",
         "restore.unpacked",
         "restore.ready",
         "restore.retired.cortex",
