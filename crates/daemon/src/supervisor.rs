@@ -1,6 +1,10 @@
 //! `matrixd dual`: run the API front door (`matrixd serve --front-door`) and the executor
-//! (`matrixd executor`) as two processes, restart either when it dies, and forward SIGTERM
-//! (or SIGINT) to both for a graceful drain.
+//! (`matrixd executor`) as two processes, restart either when it crashes, and forward
+//! SIGTERM (or SIGINT) to both for a graceful drain. A child that exits cleanly (the front
+//! door after `POST /shutdown`) stops the other and the supervisor.
+//!
+//! FIXME: the executor runs only the background snapshots; intents still run inside the
+//! front door's process.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -57,6 +61,11 @@ pub async fn supervise() -> Result<(), SupervisorError> {
             _ = interrupt.recv() => break,
         };
         let role = &mut roles[index];
+        // A clean exit is a drain that finished (`POST /shutdown`): stop the other one too.
+        if status.as_ref().is_ok_and(|s| s.success()) {
+            tracing::info!(role = role.name, "child finished draining; stopping");
+            break;
+        }
         tracing::warn!(role = role.name, status = ?status, "child exited; restarting it");
         tokio::time::sleep(RESTART_DELAY).await;
         role.child = spawn(&exe, role.name, role.args)?;

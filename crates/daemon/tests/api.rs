@@ -468,3 +468,23 @@ async fn dual_mode_restarts_a_crashed_front_door_and_drains_on_sigterm() {
     assert!(exit.success(), "{exit}");
     assert!(http().get(&health).send().await.is_err(), "the children are gone");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_mode_stops_after_a_shutdown_request() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = base_env(data.path());
+    env.insert("MATRIX_LISTEN_ADDR".into(), format!("127.0.0.1:{}", harness::process::free_port()));
+    env.insert("MATRIX_MODE".into(), "dual".into());
+    run_ok(&["init"], &env);
+    let mut supervisor = Daemon::start_with(&["dual"], &env);
+
+    let response = http()
+        .post(format!("{}/shutdown", supervisor.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let exit = tokio::task::block_in_place(|| supervisor.wait_exit());
+    assert!(exit.success(), "{exit}");
+}
