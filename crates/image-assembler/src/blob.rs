@@ -118,16 +118,20 @@ pub fn write_bytes(blob_dir: &Path, bytes: &[u8]) -> Result<(String, u64)> {
     Ok((format!("sha256:{hex}"), bytes.len() as u64))
 }
 
-/// Copies a blob made elsewhere into `blob_dir`, checking it against its digest.
-pub fn copy_verified(source: &Path, blob_dir: &Path, digest: &str) -> Result<PathBuf> {
-    let mut reader = File::open(source).reading(source)?;
-    let target = blob_dir.join(digest.trim_start_matches("sha256:"));
-    let mut writer = Hashing::new(BufWriter::new(File::create(&target).writing(&target)?));
-    io::copy(&mut reader, &mut writer).reading(source)?;
-    let (actual, _) = writer.digest();
-    writer.inner.flush().writing(&target)?;
-    if actual != digest {
-        return Err(Error::BlobMismatch { path: source.into(), digest: digest.to_owned() });
+/// Links a blob made elsewhere (a named group's layer in the store) into `blob_dir`.
+///
+/// A symlink, not a copy: the image output then refers to the layer's store path, which
+/// Nix keeps alive, and the blob's bytes are in the store once. Its size is checked; its
+/// digest was computed in one pass when the layer was built.
+pub fn link_prebuilt(source: &Path, blob_dir: &Path, blob: &LayerBlob) -> Result<PathBuf> {
+    let size = source.metadata().reading(source)?.len();
+    if size != blob.size {
+        return Err(Error::BlobMismatch { path: source.into(), digest: blob.digest.clone() });
+    }
+    let target = blob_dir.join(blob.hex());
+    // Two groups can make the same bytes (say, both empty after the groups below them).
+    if target.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(source, &target).writing(&target)?;
     }
     Ok(target)
 }

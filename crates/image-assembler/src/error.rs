@@ -64,7 +64,7 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("blob {digest} in {path} does not match its recorded digest")]
+    #[error("blob {digest} in {path} does not match its recorded size")]
     BlobMismatch { path: PathBuf, digest: String },
     #[error("unknown compression {0:?} (expected gzip or zstd)")]
     UnknownCompression(String),

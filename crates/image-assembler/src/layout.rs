@@ -98,7 +98,7 @@ pub(crate) fn publish(staged: &Path, out: &Path) -> Result<()> {
 fn write_layers(spec: &ImageSpec, blobs: &Path) -> Result<Vec<LayerBlob>> {
     let mut layers = Vec::new();
     for prebuilt in &spec.prebuilt {
-        blob::copy_verified(&prebuilt.path, blobs, &prebuilt.blob.digest)?;
+        blob::link_prebuilt(&prebuilt.path, blobs, &prebuilt.blob)?;
         layers.push(prebuilt.blob.clone());
     }
     for planned in &spec.store_layers {

@@ -97,14 +97,14 @@ pub fn build_image(attrs_path: &Path, options: BuildOptions) -> Result<ImageSumm
         .ok_or_else(|| Error::UnknownSystem(attrs.system.clone()))?;
     let graph = Graph::new(attrs.closure)?;
     let excluded = Graph::new(attrs.exclude)?;
-    let prebuilt =
-        attrs.group_layers.iter().map(|dir| read_prebuilt(dir)).collect::<Result<Vec<_>>>()?;
 
     let rest: BTreeSet<String> =
         graph.paths().filter(|p| !excluded.contains(p)).map(str::to_owned).collect();
     let extra_layers = usize::from(!attrs.extra_files.is_empty());
     let store_layers =
-        plan_store_layers(&graph, &rest, prebuilt.len(), extra_layers, attrs.max_layers)?;
+        plan_store_layers(&graph, &rest, attrs.group_layers.len(), extra_layers, attrs.max_layers)?;
+    let prebuilt =
+        attrs.group_layers.iter().map(|dir| read_prebuilt(dir)).collect::<Result<Vec<_>>>()?;
 
     let tag = attrs.tag.unwrap_or_else(|| default_tag(&attrs.outputs.out));
     let spec = ImageSpec {
