@@ -3,9 +3,11 @@
 //! `dev` runs the whole Matrix topology on this machine; `test` installs what the tests
 //! need and runs exactly what CI runs. One module per subcommand.
 
+mod deploy;
 mod dev;
 mod mcp_check;
 mod nix_checks;
+mod push;
 mod setup;
 mod test;
 
@@ -31,6 +33,10 @@ enum Command {
     NixCheck,
     /// Format every Nix file in place.
     NixFmt,
+    /// Build an image (flake attribute or OCI layout) and push it to the registry.
+    Push(push::Args),
+    /// Build, push, and roll the image out to every per-user machine of the app.
+    Deploy(deploy::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +61,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::McpCheck => mcp_check::run(&sh),
         Command::NixCheck => nix_checks::run(&sh),
         Command::NixFmt => nix_checks::format(&sh),
+        Command::Push(args) => push::run(&sh, args),
+        Command::Deploy(args) => deploy::run(&sh, args),
     }
 }
 
