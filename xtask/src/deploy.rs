@@ -35,6 +35,10 @@ pub struct Args {
     /// Seconds a restarted machine may take to pass its checks and answer `/healthz`.
     #[arg(long, default_value_t = 120)]
     health_timeout: u64,
+    /// Do not probe the daemon's `/healthz` on the machine's private address (for a deploy
+    /// run outside the private network); Fly's health checks still gate each machine.
+    #[arg(long)]
+    no_daemon_healthz: bool,
     /// Print the plan and change nothing (no push, no update).
     #[arg(long)]
     dry_run: bool,

@@ -214,3 +214,37 @@ fn same_origin(a: &Url, b: &Url) -> bool {
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_go_to_the_registry_origin_only() {
+        let base = Url::parse("https://registry.example").expect("url");
+        let check = |url: &str| same_origin(&Url::parse(url).expect("url"), &base);
+        assert!(check("https://registry.example/v2/app/blobs/uploads/1?_state=x"));
+        assert!(check("https://registry.example:443/v2/"));
+        assert!(!check("https://storage.example/upload/1"));
+        assert!(!check("http://registry.example/v2/"));
+        assert!(!check("https://registry.example:5000/v2/"));
+    }
+
+    #[test]
+    fn relative_and_absolute_locations_resolve_against_the_registry() {
+        let base = Url::parse("http://127.0.0.1:5000").expect("url");
+        let join = |location: &str| base.join(location).expect("join").to_string();
+        assert_eq!(
+            join("/v2/a/blobs/uploads/u1?_state=s"),
+            "http://127.0.0.1:5000/v2/a/blobs/uploads/u1?_state=s"
+        );
+        assert_eq!(join("https://storage.example/u1"), "https://storage.example/u1");
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let policy = RetryPolicy::default();
+        assert!(policy.backoff(1) <= Duration::from_millis(300));
+        assert!(policy.backoff(10) <= policy.max_backoff.mul_f64(1.5));
+    }
+}

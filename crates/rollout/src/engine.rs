@@ -130,11 +130,13 @@ impl Rollout {
                 (active.id, active.machines, active.previous_desired_image, true)
             }
             Some(active) => {
+                // FIXME: no command abandons an unfinished run of another image; it is
+                // finished by deploying that image again.
                 return Err(RolloutError::OtherRunActive {
                     app,
                     run: active.id,
                     image: active.image,
-                })
+                });
             }
             None => {
                 let plan = self.plan(image).await?;
