@@ -43,7 +43,7 @@ pub async fn init(config: &Config) -> Result<InitOutcome, SnapshotError> {
     if let Some(s3) = &config.s3 {
         let store = SnapshotStore::new(s3, config.user_id)?;
         if let Some(latest) = store.latest().await? {
-            outcome = Some(match local_generation(&data)? {
+            outcome = Some(match local_generation(&data, latest.generation)? {
                 Local::Clean(local) if latest.generation > local => {
                     restore::restore(&data, &store, &latest).await?;
                     InitOutcome::Restored { generation: latest.generation }
@@ -80,11 +80,14 @@ enum Local {
     Changed(u64),
 }
 
-fn local_generation(data: &DataDir) -> Result<Local, LayoutError> {
+/// The volume's generation, and whether it changed since; the tree is read only when the
+/// store is ahead of it, so init on an up-to-date volume stays cheap.
+fn local_generation(data: &DataDir, remote: u64) -> Result<Local, LayoutError> {
     let has_tree = data.cortex().exists() || data.workspace().exists();
     match data.read_state()? {
         None if has_tree => Ok(Local::Changed(0)),
         None => Ok(Local::Clean(0)),
+        Some(state) if state.generation >= remote => Ok(Local::Clean(state.generation)),
         Some(state) if tree_digest(data.root())? == state.tree_sha256 => {
             Ok(Local::Clean(state.generation))
         }

@@ -50,6 +50,8 @@ pub async fn push(
     keep: usize,
 ) -> Result<PushOutcome, SnapshotError> {
     let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
+    // FIXME: detecting a change reads the whole tree; a periodic push of a large, unchanged
+    // workspace costs one full read per interval.
     let root = data.root().to_owned();
     let digest = tokio::task::spawn_blocking(move || tree_digest(&root)).await??;
     if state.generation > 0 && digest == state.tree_sha256 {
