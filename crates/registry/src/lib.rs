@@ -19,12 +19,11 @@
 pub mod auth;
 mod error;
 pub mod layout;
+mod push;
 mod reference;
 mod stats;
 mod transport;
 mod upload;
-
-mod push;
 
 pub use auth::Credentials;
 pub use error::{Error, RegistryErrorBody};
