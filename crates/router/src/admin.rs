@@ -100,5 +100,6 @@ async fn deprovision(state: &AppState, user: Uuid) -> Result<Response<RouterBody
         }
     }
     store.delete(user).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+    state.fleet.forget_user(user);
     Ok(ok_json(serde_json::json!({ "deleted": record })))
 }

@@ -9,6 +9,9 @@
 //! - Traffic over the private network bypasses Fly's proxy and its autostop, so this module
 //!   suspends a machine itself after `ROUTER_IDLE_SUSPEND_SECS` with no request and no open
 //!   stream.
+//!
+//! FIXME: activity is counted per replica; with several replicas, one may suspend a machine
+//! that another is still streaming to.
 
 mod activity;
 mod provision;
@@ -26,7 +29,7 @@ use uuid::Uuid;
 
 pub use activity::ActivityGuard;
 use activity::ActivityTable;
-use wake::SharedWake;
+use wake::{SharedWake, WakeError};
 
 use crate::config::{DaemonConfig, WakeConfig};
 use crate::daemon_token::DaemonTokens;
@@ -67,6 +70,8 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     wakes: Mutex<HashMap<String, SharedWake>>,
     provisioning: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// User -> machine records already read; they change only on deprovisioning.
+    records: Mutex<HashMap<Uuid, UserMachine>>,
     pending_wakes: Semaphore,
     activity: Arc<ActivityTable>,
     health: reqwest::Client,
@@ -92,6 +97,7 @@ impl Fleet {
             metrics: parts.metrics,
             wakes: Mutex::new(HashMap::new()),
             provisioning: Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
             health,
         })
     }
@@ -111,10 +117,7 @@ impl Fleet {
 
     /// The user's ready machine: provisioned if missing, woken if not running.
     pub async fn target(self: &Arc<Self>, user_id: Uuid) -> Result<Target, ApiError> {
-        let record = match self.store.get(user_id).await.map_err(store_failed)? {
-            Some(record) => record,
-            None => self.provision(user_id).await?,
-        };
+        let record = self.record(user_id).await?;
 
         if let Some(addr) = self.activity.ready_addr(&record.machine_id) {
             return Ok(Target { machine_id: record.machine_id, addr, waited: None });
@@ -129,8 +132,32 @@ impl Fleet {
             .with_retry_after(Duration::from_secs(2)));
         };
         let started = std::time::Instant::now();
-        let addr = self.shared_wake(&record.machine_id).await.map_err(ApiError::from)?;
+        let woken = self.shared_wake(&record.machine_id).await;
+        if woken.as_ref().is_err_and(WakeError::machine_gone) {
+            // Deprovisioned by another replica: read the record again next time.
+            self.forget_user(user_id);
+        }
+        let addr = woken.map_err(ApiError::from)?;
         Ok(Target { machine_id: record.machine_id, addr, waited: Some(started.elapsed()) })
+    }
+
+    /// The user's record: from memory, the database, or a new machine. A user's machine
+    /// never changes while the record exists, so it is kept after the first read.
+    async fn record(&self, user_id: Uuid) -> Result<UserMachine, ApiError> {
+        if let Some(record) = self.records.lock().expect("records lock").get(&user_id) {
+            return Ok(record.clone());
+        }
+        let record = match self.store.get(user_id).await.map_err(store_failed)? {
+            Some(record) => record,
+            None => self.provision(user_id).await?,
+        };
+        self.records.lock().expect("records lock").insert(user_id, record.clone());
+        Ok(record)
+    }
+
+    /// Drops the remembered record of a user (after deprovisioning).
+    pub fn forget_user(&self, user_id: Uuid) {
+        self.records.lock().expect("records lock").remove(&user_id);
     }
 
     /// A guard counting one request or stream as activity on `machine_id`.

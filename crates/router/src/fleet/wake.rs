@@ -24,6 +24,9 @@ pub struct WakeError {
     message: String,
 }
 
+/// The code of a wake that found the machine destroyed.
+const MACHINE_GONE: &str = "machine_gone";
+
 impl From<WakeError> for ApiError {
     fn from(e: WakeError) -> Self {
         ApiError::upstream(e.status, e.code, e.message)
@@ -31,6 +34,11 @@ impl From<WakeError> for ApiError {
 }
 
 impl WakeError {
+    /// The machine no longer exists: the user's record is stale.
+    pub fn machine_gone(&self) -> bool {
+        self.code == MACHINE_GONE
+    }
+
     fn fly(e: &FlyError) -> Self {
         Self {
             status: StatusCode::BAD_GATEWAY,
@@ -100,7 +108,8 @@ impl Fleet {
         machine_id: &str,
         deadline: Instant,
     ) -> Result<SocketAddr, WakeError> {
-        let machine = self.fly.get_machine(machine_id).await.map_err(|e| WakeError::fly(&e))?;
+        let machine =
+            self.fly.get_machine(machine_id).await.map_err(|e| gone_or_fly(machine_id, &e))?;
         check_usable(&machine)?;
         if machine.state != MachineState::Started {
             self.start_until_accepted(machine_id, deadline).await?;
@@ -187,6 +196,17 @@ impl Fleet {
     }
 }
 
+fn gone_or_fly(machine_id: &str, e: &FlyError) -> WakeError {
+    if !e.is_not_found() {
+        return WakeError::fly(e);
+    }
+    WakeError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: MACHINE_GONE,
+        message: format!("machine {machine_id} no longer exists; deprovision the user"),
+    }
+}
+
 /// A `failed` machine is reported with its last events; a destroyed one is gone.
 fn check_usable(machine: &Machine) -> Result<(), WakeError> {
     match machine.state {
@@ -203,10 +223,14 @@ fn check_usable(machine: &Machine) -> Result<(), WakeError> {
                 if events.is_empty() { "none".to_owned() } else { events.join(", ") }
             )))
         }
-        MachineState::Destroyed | MachineState::Destroying => Err(WakeError::machine(format!(
-            "machine {} was destroyed; deprovision the user to get a new one",
-            machine.id
-        ))),
+        MachineState::Destroyed | MachineState::Destroying => Err(WakeError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: MACHINE_GONE,
+            message: format!(
+                "machine {} was destroyed; deprovision the user to get a new one",
+                machine.id
+            ),
+        }),
         _ => Ok(()),
     }
 }
