@@ -26,9 +26,10 @@ pub fn plan(graph: &Graph, paths: &BTreeSet<String>, budget: usize) -> Vec<Plann
 
     let popularity = popularity(graph);
     let mut ranked: Vec<&String> = paths.iter().collect();
-    ranked.sort_by_key(|path| {
+    ranked.sort_by_cached_key(|path| {
         let score = popularity.get(path.as_str()).copied().unwrap_or(1);
-        (Reverse(score), package_name(path), path.as_str())
+        let closure_size = graph.closure_of(path).len();
+        (Reverse(score), closure_size, package_name(path), path.as_str())
     });
 
     // Everything fits: one layer per path.
@@ -116,7 +117,7 @@ mod tests {
         check(
             &sample(),
             10,
-            &[&["h3-libc"], &["h4-zlib"], &["h6-certs"], &["h2-python"], &["h1-app"], &["h5-tool"]],
+            &[&["h3-libc"], &["h4-zlib"], &["h6-certs"], &["h2-python"], &["h5-tool"], &["h1-app"]],
         );
     }
 

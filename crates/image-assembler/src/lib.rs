@@ -17,19 +17,21 @@
 //! 2. **The rest of the closure**, split by popularity (`layering::plan`). A path's
 //!    popularity is how many paths of the image's closure have it in their own closure,
 //!    itself included: libc scores high, the application 1. Paths are ranked by
-//!    popularity (highest first), then by package name *without the store hash*, then by
-//!    the full path. With a budget of *n* layers (maxLayers minus the groups and the
-//!    extra-files layer), the first *n - 1* get a layer each and the rest share one layer;
-//!    when everything fits, every path gets its own layer.
+//!    popularity (highest first), then by the size of their own closure (smallest first),
+//!    then by package name *without the store hash*, then by the full path. With a budget
+//!    of *n* layers (maxLayers minus the groups and the extra-files layer), the first
+//!    *n - 1* get a layer each and the rest share the top one; when everything fits,
+//!    every path gets its own layer.
 //! 3. **Extra files** (`/etc/passwd`, `/tmp`, links, the entrypoint), one layer, on top.
 //!
 //! Why this shape: a layer's bytes depend only on the paths in it, so a change to one
 //! package changes only the layer that holds it. Packages many others depend on change
 //! least often and are shared most between images, so they sit low and get layers of their
-//! own; the application and its private dependencies are the least popular and end up on
-//! top, in their own layers or in the shared top layer. Ranking by the name without the hash
-//! keeps a rebuilt package (new hash, same name) in the same place, so its neighbours do not
-//! move between the per-path layers and the shared one. The count uses the closure only,
+//! own. Among equally popular paths, one with a bigger closure changes more often (its
+//! hash changes whenever anything it depends on does), so it goes higher: the application
+//! comes last, in its own layer or in the shared top one. Ranking by the name without the
+//! hash keeps a rebuilt package (new hash, same name) in its place, so its neighbours do
+//! not move between the per-path layers and the shared one. Only the closure is counted,
 //! never data from outside the build, so the split is the same on every machine.
 //!
 //! # Determinism

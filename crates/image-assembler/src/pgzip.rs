@@ -1,7 +1,7 @@
 //! Gzip in parallel, with output that depends on the input alone.
 //!
 //! The input is cut into fixed chunks ([`CHUNK_SIZE`]); each chunk is deflated on its own
-//! (flate2's miniz_oxide backend, raw deflate at the given level, no shared dictionary)
+//! (flate2's zlib-rs backend, raw deflate at the given level, no shared dictionary)
 //! and ended with a sync flush so the next chunk starts on a byte boundary; the last one
 //! ends the stream. This is how pigz cuts its input, and it makes the bytes independent of
 //! how many threads compressed them: a chunk's output depends only on its own bytes, the

@@ -239,10 +239,27 @@ fn check_extra_files(root: &Path) {
     assert_eq!(mode("entrypoint"), 0o755);
 }
 
+/// The entry names of one gzip layer of `layout`.
+fn layer_entries(layout: &Path, digest: &str) -> Vec<String> {
+    let blob = layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let mut archive =
+        tar::Archive::new(flate2::read::GzDecoder::new(fs::File::open(blob).unwrap()));
+    let entries = archive.entries().unwrap();
+    entries.map(|e| e.unwrap().path().unwrap().display().to_string()).collect()
+}
+
 #[test]
 fn changing_one_package_changes_only_its_layer() {
     let Some(fx) = Fixture::new(&[]) else { return };
-    let before = layer_digests(&fx.image(&[]));
+    let image = fx.image(&[]);
+    let before = layer_digests(&image);
+
+    // The group is the bottom layer, the application is in the top store layer (just
+    // below the extra files).
+    let bottom = layer_entries(&image, &before[0]);
+    assert!(bottom.iter().any(|e| e.ends_with("-shell-runtime/bin/dash")), "{bottom:?}");
+    let top_store = layer_entries(&image, &before[before.len() - 2]);
+    assert!(top_store.iter().any(|e| e.ends_with("-app/bin/app.sh")), "app not on top");
 
     // Package 42 ranks among the per-path layers, package 250 falls in the shared top one.
     for changed in ["42", "250"] {
