@@ -46,6 +46,9 @@ impl Upstream {
 
     /// Sends `req` to the daemon at `addr` and returns its response, streaming.
     ///
+    /// FIXME: WebSockets over HTTP/2 (RFC 8441 extended CONNECT) are not forwarded; browsers
+    /// fall back to HTTP/1.1 for them.
+    ///
     /// `guard` counts the exchange as activity on the machine until the response body (or the
     /// upgraded connection) is finished.
     pub async fn forward(
@@ -173,6 +176,9 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), ApiError> {
 }
 
 /// Refuses a body declared larger than the limit before anything is forwarded.
+///
+/// FIXME: a chunked body that grows past the limit is cut while streaming and answered 502,
+/// not 413.
 pub fn check_body_size<B>(req: &Request<B>, max: u64) -> Result<(), ApiError> {
     let declared = req
         .headers()

@@ -69,6 +69,12 @@ async fn http2_and_host_checks() {
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status(), 200);
 
+    // A body declared larger than the limit is refused before it is read or forwarded.
+    let big = vec![b'x'; 11 << 20];
+    let response = env.http.post(format!("{}/echo", env.base)).bearer_auth(env.token(user));
+    let response = response.body(big).send().await.expect("large request");
+    assert_eq!(response.status(), 413);
+
     // Two Host headers, or none, are refused before authentication.
     for head in [
         "GET /echo HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",

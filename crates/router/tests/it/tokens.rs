@@ -37,6 +37,17 @@ async fn token_cases() {
         claims
     };
 
+    // The first requests signed with a JWKS key arrive together: one fetch serves them all.
+    let es256 = std::sync::Arc::new(keys.es256(&valid, ES_KID));
+    let (http, url) = (env.http.clone(), format!("{}/echo", env.base));
+    let statuses = crate::support::concurrently(20, |_| {
+        let (http, url, token) = (http.clone(), url.clone(), es256.clone());
+        async move { http.get(url).bearer_auth(&*token).send().await.expect("request").status() }
+    })
+    .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(env.jwks.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+
     // Accepted: the legacy secret, the JWKS keys, and `aud` as an array.
     check(&env, "valid HS256", &keys.hs256(&valid), 200).await;
     check(&env, "valid ES256 from JWKS", &keys.es256(&valid, ES_KID), 200).await;
@@ -82,11 +93,11 @@ async fn token_cases() {
     assert_eq!(env.http.get(url).send().await.expect("request").status(), 401);
 
     // The refused requests reached no upstream: the stranger has no machine, only one was
-    // ever created, and the user's daemon saw exactly the four accepted requests.
+    // ever created, and the user's daemon saw exactly the 24 accepted requests.
     assert!(env.machines_of(stranger).await.is_empty());
     assert_eq!(env.count("create").await, 1);
     let machine = env.machine_of(user).await;
-    assert_eq!(env.served(&machine).await, 4);
+    assert_eq!(env.served(&machine).await, 24);
 
     // Unknown kids cost at most one JWKS refetch per cooldown, however many arrive.
     let before = env.jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
