@@ -2,6 +2,7 @@
 //! the Fly Machines emulator running `test-upstream` as each user's daemon, and a JWKS
 //! endpoint, all on loopback. Run `cargo build --workspace --bins` first.
 
+mod binary;
 mod fleet;
 mod keys;
 mod streams;
