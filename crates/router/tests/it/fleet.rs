@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use machines::types::{MachineState, UpdateMachineRequest};
 use uuid::Uuid;
 
-use crate::support::{concurrently, Options, TestEnv, ADMIN_TOKEN, WAKE_TOKEN};
+use crate::support::{concurrently, Options, TestEnv, ADMIN_TOKEN, BROKEN_IMAGE, WAKE_TOKEN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_happens_once_under_50_concurrent_first_requests_at_two_replicas() {
@@ -278,4 +278,28 @@ async fn requests_waiting_on_wakes_are_bounded() {
     assert!(refused.iter().all(|(_, retry_after)| *retry_after), "503 without Retry-After");
     assert!(responses.iter().all(|(s, _)| *s == 200 || *s == 503), "{responses:?}");
     assert!(responses.iter().any(|(s, _)| *s == 200), "{responses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_machine_is_reported_with_its_events() {
+    let Some(env) = TestEnv::start(Options::default()).await else { return };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+    let machine = env.machine_of(user).await;
+    let mut config = machine.config.clone();
+    config.image = BROKEN_IMAGE.to_owned();
+    let update = UpdateMachineRequest { config, ..Default::default() };
+    env.fly.update_machine(&machine.id, &update, None).await.expect("update");
+    env.wait_state(&machine.id, MachineState::Failed).await;
+    let starts = env.count("start").await;
+
+    let replica = env.replica().await;
+    let url = format!("https://{}/echo", replica.addr);
+    let response = env.http.get(url).bearer_auth(env.token(user)).send().await.expect("request");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    assert_eq!(body["error"], "machine_unavailable");
+    let message = body["message"].as_str().expect("message");
+    assert!(message.contains(&machine.id) && message.contains("recent events"), "{message}");
+    assert_eq!(env.count("start").await, starts, "a failed machine was started blindly");
 }

@@ -18,6 +18,7 @@ use crate::keys::{JwksServer, Keys, HS256_SECRET};
 pub const FLY_TOKEN: &str = "emulator-test-token";
 pub const APP: &str = "matrix-users";
 pub const IMAGE: &str = "matrix/test-daemon:latest";
+pub const BROKEN_IMAGE: &str = "matrix/broken-daemon:latest";
 pub const SUPABASE_URL: &str = "https://abcdefgh.supabase.co";
 pub const WAKE_TOKEN: &str = "wake-token-for-tests";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
@@ -63,8 +64,12 @@ impl TestEnv {
             env: BTreeMap::from([("MATRIX_LISTEN_ADDR".into(), "{private_ip}:{port}".into())]),
             fail_health: false,
         };
-        let images =
-            ImageMap { images: BTreeMap::from([(IMAGE.to_owned(), image)]), ..ImageMap::default() };
+        // An image whose process exits at boot: its machine ends `failed`.
+        let broken = ImageSpec { command: vec!["false".into()], ..ImageSpec::default() };
+        let images = ImageMap {
+            images: BTreeMap::from([(IMAGE.to_owned(), image), (BROKEN_IMAGE.to_owned(), broken)]),
+            ..ImageMap::default()
+        };
         let state = tempfile::tempdir().expect("emulator state dir");
         let mut emulator_config = EmulatorConfig::new(FLY_TOKEN, images, state.path());
         emulator_config.settings.created_ms = 100;
