@@ -11,7 +11,8 @@
 //!   stream.
 //!
 //! FIXME: activity is counted per replica; with several replicas, one may suspend a machine
-//! that another is still streaming to.
+//! that another is still streaming to, and a replica that believes a machine is ready only
+//! notices a suspend by someone else when its request times out (504, then a fresh wake).
 
 mod activity;
 mod provision;
