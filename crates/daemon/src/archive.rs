@@ -112,7 +112,7 @@ pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveErro
     let decoder = zstd::Decoder::new(reader).map_err(io_err("decompressing", dest))?;
     let mut tar = tar::Archive::new(decoder);
     let mut digest = TreeHasher::new();
-    let mut dirs = Vec::new();
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
     for entry in tar.entries().map_err(io_err("reading the archive for", dest))? {
         let mut entry = entry.map_err(io_err("reading the archive for", dest))?;
         let path = entry.path().map_err(io_err("reading the archive for", dest))?.into_owned();
@@ -147,7 +147,12 @@ pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveErro
         let out = out.into_inner().map_err(|e| io_err("writing", &target)(e.into_error()))?;
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_err("setting the mode of", &target))?;
-        out.sync_all().map_err(io_err("syncing", &target))?;
+        files.push(target);
+    }
+    // Synced at the end rather than one by one, so the disk writes back while the rest
+    // is still being decompressed.
+    for file in &files {
+        File::open(file).and_then(|f| f.sync_all()).map_err(io_err("syncing", file))?;
     }
     // Directories last, deepest first: their modes may forbid writing, and syncing them
     // makes their entries durable.
