@@ -30,7 +30,6 @@ pub const USER_ID_HEADER: &str = "x-matrix-user-id";
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Everything a request handler needs.
-#[derive(Debug)]
 pub struct App {
     pub user_id: Uuid,
     token_digest: [u8; 32],

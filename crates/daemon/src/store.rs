@@ -74,10 +74,20 @@ pub struct Manifest {
 }
 
 /// One user's snapshots.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SnapshotStore {
     bucket: Box<Bucket>,
     prefix: String,
+}
+
+/// Written by hand: the bucket handle holds the credentials.
+impl std::fmt::Debug for SnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStore")
+            .field("bucket", &self.bucket.name())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 impl SnapshotStore {
