@@ -125,7 +125,10 @@ async fn run(server: &S3Server, megabytes: usize, rounds: usize) {
             times.push(started.elapsed());
             assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         }
-        println!("matrixd {label:<24}{:>8.1} ms (median of 10)", median(&times).as_secs_f64() * 1e3);
+        println!(
+            "matrixd {label:<24}{:>8.1} ms (median of 10)",
+            median(&times).as_secs_f64() * 1e3
+        );
     }
 }
 
@@ -146,7 +149,9 @@ fn write_workspace(dir: &Path, raw: &Path, megabytes: usize) {
             let mut line = 0u64;
             while bytes.len() < FILE_MB << 20 {
                 line += 1;
-                bytes.extend_from_slice(format!("{index}:{line} the agent wrote a note\n").as_bytes());
+                bytes.extend_from_slice(
+                    format!("{index}:{line} the agent wrote a note\n").as_bytes(),
+                );
             }
         }
         bytes.truncate(FILE_MB << 20);
