@@ -103,3 +103,22 @@ fn the_script_is_shellcheck_clean() {
     let output = Command::new(shellcheck).arg(script()).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
 }
+
+#[test]
+fn init_twice_leaves_the_same_tree_byte_for_byte() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let env = base_env(data.path());
+
+    let out = run_ok(&["init"], &env);
+    assert!(out.contains("ready at generation 0"), "{out}");
+    let first = tree_hash(data.path());
+    run_ok(&["init"], &env);
+
+    assert_eq!(tree_hash(data.path()), first);
+    for dir in ["cortex/journal", "workspace"] {
+        assert!(data.path().join(dir).is_dir(), "{dir}");
+    }
+    let key = std::fs::metadata(data.path().join("cortex/identity.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600, "the identity key is private");
+}
