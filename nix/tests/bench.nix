@@ -7,17 +7,15 @@
   topRevision ? 0,
   # Whether the base data is a named layer group (its own derivation). Default: true.
   grouped ? true,
-}:
-let
+}: let
   system = builtins.currentSystem;
   assembler = builtins.path {
     path = /. + assemblerDir;
     name = "matrix-image-assembler";
   };
-  mkImage = import ../lib/mk-image.nix { inherit assembler; };
+  mkImage = import ../lib/mk-image.nix {inherit assembler;};
 
-  shell =
-    name: script:
+  shell = name: script:
     derivation {
       inherit name system;
       builder = "/bin/sh";
@@ -46,22 +44,20 @@ let
     /bin/mkdir -p $out/bin
     echo "revision ${toString topRevision} on ${base}" > $out/bin/app
   '';
-in
-{
+in {
   inherit base;
   image = mkImage {
     name = "bench-image";
     tag = "bench";
-    contents = [ top ];
+    contents = [top];
     layers =
-      if grouped then
-        [
-          {
-            name = "base";
-            contents = [ base ];
-          }
-        ]
-      else
-        [ ];
+      if grouped
+      then [
+        {
+          name = "base";
+          contents = [base];
+        }
+      ]
+      else [];
   };
 }

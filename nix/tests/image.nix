@@ -12,18 +12,16 @@
   # The index of one of the 300 small packages to build with different contents, to show
   # that only its layer changes. Default: null (none).
   changed ? null,
-}:
-let
+}: let
   system = builtins.currentSystem;
   assembler = builtins.path {
     path = /. + assemblerDir;
     name = "matrix-image-assembler";
   };
-  mkImage = import ../lib/mk-image.nix { inherit assembler; };
+  mkImage = import ../lib/mk-image.nix {inherit assembler;};
 
   # A derivation built by `script` with /bin/sh; `$out` is the output.
-  shell =
-    name: script:
+  shell = name: script:
     derivation {
       inherit name system;
       builder = "/bin/sh";
@@ -45,15 +43,26 @@ let
     echo "shared by three hundred packages" > $out/lib/shared.txt
   '';
 
-  pad = i: if i < 10 then "00${toString i}" else if i < 100 then "0${toString i}" else toString i;
-  packages = builtins.genList (
-    i:
-    shell "pkg-${pad i}" ''
-      /bin/mkdir -p $out/share
-      echo "package ${toString i} uses ${shared}/lib/shared.txt" > $out/share/info
-      ${if i == changed then "echo changed >> $out/share/info" else ""}
-    ''
-  ) 300;
+  pad = i:
+    if i < 10
+    then "00${toString i}"
+    else if i < 100
+    then "0${toString i}"
+    else toString i;
+  packages =
+    builtins.genList (
+      i:
+        shell "pkg-${pad i}" ''
+          /bin/mkdir -p $out/share
+          echo "package ${toString i} uses ${shared}/lib/shared.txt" > $out/share/info
+          ${
+            if i == changed
+            then "echo changed >> $out/share/info"
+            else ""
+          }
+        ''
+    )
+    300;
 
   fixtures = shell "fixtures" ''
     d=$out/data
@@ -123,26 +132,25 @@ let
       "${runtime}/bin/dash"
       "${app}/bin/app.sh"
     ];
-    Env = [ "HOME=/root" ];
+    Env = ["HOME=/root"];
     WorkingDir = "/";
     User = "0:0";
     ExposedPorts = {
-      "8080/tcp" = { };
+      "8080/tcp" = {};
     };
     Labels = {
       "org.opencontainers.image.title" = "mkImage fixture";
     };
   };
-in
-{
+in {
   image = mkImage {
     name = "fixture-image";
     tag = "test";
-    contents = [ app ] ++ packages;
+    contents = [app] ++ packages;
     layers = [
       {
         name = "runtime";
-        contents = [ runtime shared ];
+        contents = [runtime shared];
       }
     ];
     inherit config extraFiles;
@@ -152,7 +160,7 @@ in
   sparseImage = mkImage {
     name = "sparse-image";
     tag = "test";
-    contents = [ sparse ];
+    contents = [sparse];
   };
 
   inherit
