@@ -30,6 +30,8 @@ pub enum StoreError {
     Migrate { version: i32, source: tokio_postgres::Error },
     #[error("{operation}")]
     Query { operation: &'static str, source: tokio_postgres::Error },
+    #[error("reading the app's desired image")]
+    DesiredImage(#[source] Box<rollout::RolloutError>),
 }
 
 /// A user's machine and volume.
@@ -158,6 +160,23 @@ impl UserLock {
         Ok(read_user(conn, record.user_id).await?.unwrap_or_else(|| record.clone()))
     }
 
+    /// The image the last deploy of `app` recorded for new machines, read now on the locked
+    /// connection (never cached: a deploy that finished a moment ago applies to the next
+    /// machine; and no second connection per provisioning, so the pool cannot run dry).
+    ///
+    /// Read through `rollout`'s store API rather than by querying its table here: the table's
+    /// name and shape stay owned by the crate that migrates them, and its dependencies are the
+    /// router's already. Those migrations run on the first deploy: until then the table is
+    /// missing, which means no deploy has recorded an image.
+    pub async fn desired_image(&self, app: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn.as_ref().expect("lock connection held until release");
+        match rollout::desired_image(conn, app).await {
+            Ok(image) => Ok(image),
+            Err(e) if is_undefined_table(&e) => Ok(None),
+            Err(e) => Err(StoreError::DesiredImage(Box::new(e))),
+        }
+    }
+
     pub async fn release(mut self) {
         let Some(conn) = self.conn.take() else { return };
         let unlocked =
@@ -234,6 +253,15 @@ async fn insert_user(
     .await
     .map(drop)
     .map_err(|source| StoreError::Query { operation: "recording a user's machine", source })
+}
+
+/// SQLSTATE 42P01: the rollout tables were never created on this database.
+fn is_undefined_table(error: &rollout::RolloutError) -> bool {
+    matches!(
+        error,
+        rollout::RolloutError::Database { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    )
 }
 
 fn from_row(row: &tokio_postgres::Row) -> UserMachine {

@@ -4,7 +4,8 @@
 //! 2. Read the record again: the lock holder before us may have finished the job.
 //! 3. Adopt a machine already tagged `matrix_user_id = <user>` on Fly (a crash between Fly's
 //!    create and our insert leaves one), else reuse the user's unattached volume or create
-//!    one, then create the machine from the rendered template.
+//!    one, then create the machine from the rendered template, with the image the last
+//!    deploy recorded (`ROUTER_DAEMON_IMAGE` until there is one).
 //! 4. Record it and release the lock.
 
 use std::collections::BTreeMap;
@@ -57,7 +58,7 @@ impl Fleet {
                 tracing::info!(machine.id = %machine.id, "adopting a machine provisioned before");
                 machine
             }
-            None => self.create_machine(user_id).await?,
+            None => self.create_machine(lock, user_id).await?,
         };
         let volume_id = machine.config.mounts.first().map(|m| m.volume.clone()).unwrap_or_default();
         let record = UserMachine {
@@ -80,10 +81,11 @@ impl Fleet {
         }))
     }
 
-    async fn create_machine(&self, user_id: Uuid) -> Result<Machine, ApiError> {
+    async fn create_machine(&self, lock: &UserLock, user_id: Uuid) -> Result<Machine, ApiError> {
+        let image = self.image_for_new_machine(lock).await?;
         let volume_id = self.user_volume(user_id).await?;
         let values = BTreeMap::from([
-            ("image", Value::Text(self.daemon.image.clone())),
+            ("image", Value::Text(image)),
             ("region", Value::Text(self.region.clone())),
             ("machine_name", Value::Text(format!("matrix-{}", user_id.simple()))),
             ("user_id", Value::Text(user_id.to_string())),
@@ -98,6 +100,13 @@ impl Fleet {
         let machine = self.fly.create_machine(&request).await.map_err(fly_failed)?;
         tracing::info!(machine.id = %machine.id, "provisioned a machine");
         Ok(machine)
+    }
+
+    /// The image the last deploy recorded for the app, else `ROUTER_DAEMON_IMAGE`: a machine
+    /// provisioned after a deploy runs what the deploy rolled out to the others.
+    async fn image_for_new_machine(&self, lock: &UserLock) -> Result<String, ApiError> {
+        let desired = lock.desired_image(self.fly.app()).await.map_err(store_failed)?;
+        Ok(desired.unwrap_or_else(|| self.daemon.image.clone()))
     }
 
     /// The user's volume: an unattached one from an earlier attempt, or a new one.

@@ -134,7 +134,11 @@ impl Fleet {
         Ok(addr)
     }
 
-    /// `start`, retried while Fly answers 412 (`created`, `replacing`, `suspending`, ...).
+    /// `start`, retried while Fly answers 412 (`created`, `replacing`, `suspending`, ...) or
+    /// 409 (a deploy holds the machine's lease).
+    ///
+    /// The router never takes or breaks a lease: the deploy that holds it is changing the
+    /// machine, and the start goes in once it lets go (or the wake deadline passes: 504).
     async fn start_until_accepted(
         &self,
         machine_id: &str,
@@ -142,17 +146,20 @@ impl Fleet {
     ) -> Result<(), WakeError> {
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.fly.start_machine(machine_id, None).await {
+            let refusal = match self.fly.start_machine(machine_id, None).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_precondition_failed() => {
                     tracing::debug!(machine.id = machine_id, error = %e, "start refused for now; retrying");
+                    "kept refusing to start"
+                }
+                Err(e) if e.is_conflict() => {
+                    tracing::debug!(machine.id = machine_id, error = %e, "machine leased by another; retrying");
+                    "stayed leased by another (a deploy)"
                 }
                 Err(e) => return Err(WakeError::fly(&e)),
-            }
+            };
             if Instant::now() + pause >= deadline {
-                return Err(WakeError::timeout(format!(
-                    "machine {machine_id} kept refusing to start"
-                )));
+                return Err(WakeError::timeout(format!("machine {machine_id} {refusal}")));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));

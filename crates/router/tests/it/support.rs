@@ -19,6 +19,10 @@ pub const FLY_TOKEN: &str = "emulator-test-token";
 pub const APP: &str = "matrix-users";
 pub const IMAGE: &str = "matrix/test-daemon:latest";
 pub const BROKEN_IMAGE: &str = "matrix/broken-daemon:latest";
+/// What a deploy records: the daemon image pinned by digest (the emulator runs the same
+/// program for it as for `IMAGE`).
+pub const DEPLOYED_IMAGE: &str =
+    "matrix/test-daemon@sha256:5b0e8f2b9d3c4a1e6f7081920a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d";
 pub const SUPABASE_URL: &str = "https://abcdefgh.supabase.co";
 pub const WAKE_TOKEN: &str = "wake-token-for-tests";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
@@ -29,11 +33,12 @@ pub const ALLOWED_ORIGIN: &str = "https://app.example";
 pub struct Options {
     pub idle_suspend_secs: u64,
     pub max_pending_wakes: usize,
+    pub wake_timeout_secs: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { idle_suspend_secs: 3600, max_pending_wakes: 1000 }
+        Self { idle_suspend_secs: 3600, max_pending_wakes: 1000, wake_timeout_secs: 120 }
     }
 }
 
@@ -46,6 +51,8 @@ pub struct TestEnv {
     pub base: String,
     pub http: reqwest::Client,
     pub config: Config,
+    /// The router's environment, for running the binary against this topology.
+    pub vars: HashMap<String, String>,
     _pg: PgCluster,
     _state: tempfile::TempDir,
 }
@@ -67,7 +74,11 @@ impl TestEnv {
         // An image whose process exits at boot: its machine ends `failed`.
         let broken = ImageSpec { command: vec!["false".into()], ..ImageSpec::default() };
         let images = ImageMap {
-            images: BTreeMap::from([(IMAGE.to_owned(), image), (BROKEN_IMAGE.to_owned(), broken)]),
+            images: BTreeMap::from([
+                (IMAGE.to_owned(), image.clone()),
+                (DEPLOYED_IMAGE.to_owned(), image),
+                (BROKEN_IMAGE.to_owned(), broken),
+            ]),
             ..ImageMap::default()
         };
         let state = tempfile::tempdir().expect("emulator state dir");
@@ -79,7 +90,8 @@ impl TestEnv {
         let keys = Keys::new(&format!("{SUPABASE_URL}/auth/v1"));
         let jwks = JwksServer::start(keys.jwks.clone()).await;
 
-        let config = router_config(&pg.url(), &emulator.url(), &jwks.url, &options);
+        let vars = router_vars(&pg.url(), &emulator.url(), &jwks.url, &options);
+        let config = Config::from_map(&vars).expect("test router config");
         let router = matrix_router::start(config.clone()).await.expect("starting the router");
         let base = format!("https://{}", router.addr);
         let http = reqwest::Client::builder()
@@ -89,7 +101,19 @@ impl TestEnv {
             .build()
             .expect("HTTP client");
 
-        Some(Self { keys, jwks, emulator, fly, router, base, http, config, _pg: pg, _state: state })
+        Some(Self {
+            keys,
+            jwks,
+            emulator,
+            fly,
+            router,
+            base,
+            http,
+            config,
+            vars,
+            _pg: pg,
+            _state: state,
+        })
     }
 
     /// A second router replica on the same database and Fly app.
@@ -178,9 +202,14 @@ impl TestEnv {
     }
 }
 
-fn router_config(database_url: &str, fly_url: &str, jwks_url: &str, options: &Options) -> Config {
+fn router_vars(
+    database_url: &str,
+    fly_url: &str,
+    jwks_url: &str,
+    options: &Options,
+) -> HashMap<String, String> {
     let template = harness::tools::workspace_root().join("deploy/daemon/fly.toml.tmpl");
-    let vars: HashMap<String, String> = [
+    [
         (config::ROUTER_LISTEN_ADDR, "127.0.0.1:0".to_owned()),
         (config::ROUTER_DEV_MODE, "true".to_owned()),
         (config::SUPABASE_URL, SUPABASE_URL.to_owned()),
@@ -197,13 +226,13 @@ fn router_config(database_url: &str, fly_url: &str, jwks_url: &str, options: &Op
         (config::ROUTER_DAEMON_TOKEN_SECRET, TOKEN_SECRET.to_owned()),
         (config::ROUTER_IDLE_SUSPEND_SECS, options.idle_suspend_secs.to_string()),
         (config::ROUTER_MAX_PENDING_WAKES, options.max_pending_wakes.to_string()),
+        (config::ROUTER_WAKE_TIMEOUT_SECS, options.wake_timeout_secs.to_string()),
         (config::ROUTER_WAKE_TOKEN, WAKE_TOKEN.to_owned()),
         (config::ROUTER_ADMIN_TOKEN, ADMIN_TOKEN.to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    Config::from_map(&vars).expect("test router config")
+    .collect()
 }
 
 /// Runs `n` copies of `make(i)` at once and collects their results in order.
