@@ -10,11 +10,16 @@ const EXIT_CONFIG: u8 = 64;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Colour codes only on a terminal: piped logs (`cargo xtask dev`, a log collector) stay
+    // plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("warn,matrix_router=info")),
         )
+        .with_ansi(colour)
+        .with_writer(std::io::stderr)
         .init();
 
     let config = match matrix_router::config::Config::from_env() {
