@@ -5,7 +5,7 @@
 # - `lib.fileset.fileFilter (file: file.hasExt "nix") root`: lib/fileset (stored copy);
 # - `runCommand name env script`: pkgs/build-support/trivial-builders.
 #
-# FIXME: this runs nixpkgs' alejandra, `cargo xtask nix-check` the crates.io library 3.1.0;
+# FIXME: this runs nixpkgs' alejandra, `cargo xtask nix-check` the Rust library 3.1.0;
 # a style change between the two versions fails one of them until both agree.
 {
   lib,

@@ -1,7 +1,7 @@
 //! The Nix code, checked on machines that cannot fetch nixpkgs.
 //!
 //! 1. every `.nix` file parses (`nix-instantiate --parse`);
-//! 2. every `.nix` file is formatted as `alejandra` formats it (the crates.io library,
+//! 2. every `.nix` file is formatted as `alejandra` formats it (the Rust library,
 //!    linked into xtask, so no extra program is installed);
 //! 3. the parts of the Nix code that need no nixpkgs are evaluated for real: the wheel
 //!    selection from `uv.lock` must give every locked Python package exactly one wheel, with

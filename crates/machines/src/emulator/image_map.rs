@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// ```json
 /// {
 ///   "images": {
-///     "registry.fly.io/matrix:*": {"command": ["matrixd", "--listen", "{private_ip}:{port}"]},
+///     "registry.example/matrix:*": {"command": ["matrixd", "--listen", "{private_ip}:{port}"]},
 ///     "busybox": {"command": ["sleep", "600"], "env": {"A": "1"}, "fail_health": false}
 ///   },
 ///   "app_env": {"MATRIX_LOG": "info"}

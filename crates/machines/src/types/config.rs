@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn unknown_config_fields_survive_a_round_trip() {
         let json = serde_json::json!({
-            "image": "registry.fly.io/matrix:1",
+            "image": "registry.example/matrix:1",
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 512, "kernel_args": ["x"]},
             "services": [{"internal_port": 8080, "autostop": "suspend",
                           "concurrency": {"type": "requests", "soft_limit": 20},
