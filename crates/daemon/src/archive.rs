@@ -89,8 +89,11 @@ fn append_entry<W: Write>(
         header.set_entry_type(EntryType::Regular);
         header.set_mode(metadata.permissions().mode() & ARCHIVED_MODE_BITS);
         header.set_size(metadata.len());
+        // Exactly the size in the header, even if the file grows or shrinks meanwhile, so the
+        // archive always parses (the change itself goes into the next snapshot).
         let file = File::open(path).map_err(io_err("reading", path))?;
-        builder.append_data(&mut header, relative, file).map_err(io_err("archiving", path))
+        let exact = file.take(metadata.len()).chain(io::repeat(0)).take(metadata.len());
+        builder.append_data(&mut header, relative, exact).map_err(io_err("archiving", path))
     } else {
         // FIXME: symbolic links and special files in the workspace are not snapshotted.
         tracing::warn!(path = %relative.display(), "skipping a file that is neither a directory nor a regular file");
