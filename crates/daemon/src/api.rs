@@ -46,6 +46,9 @@ pub struct App {
     transcript: Mutex<()>,
     /// Fires when `/shutdown` is called.
     shutdown: watch::Sender<bool>,
+    /// Fires when a drain runs out of time: the running intent stops and is recorded
+    /// as `cancelled`.
+    cancel: watch::Sender<bool>,
 }
 
 impl App {
@@ -69,6 +72,7 @@ impl App {
             draining: AtomicBool::new(false),
             transcript: Mutex::new(()),
             shutdown: watch::Sender::new(false),
+            cancel: watch::Sender::new(false),
         })
     }
 
@@ -80,6 +84,12 @@ impl App {
     /// Refuses new work from now on.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the running intent, which records a `cancelled` envelope and then clears
+    /// [`App::is_busy`]. Called once draining, so no new intent starts afterwards.
+    pub fn cancel_running(&self) {
+        self.cancel.send_replace(true);
     }
 
     /// Whether a `/messages` intent is running.
@@ -283,14 +293,25 @@ async fn messages(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> 
         let app = worker;
         let outcome = async {
             app.journal.append(&mut intent, Kind::Running, EnvelopeBody::default())?;
-            let (kind, body) = match converse(&app, &message).await {
-                Ok(reply) => {
-                    (Kind::Completed, EnvelopeBody { reply: Some(reply), ..Default::default() })
+            let mut cancel = app.cancel.subscribe();
+            let (kind, body) = tokio::select! {
+                outcome = converse(&app, &message) => match outcome {
+                    Ok(reply) => {
+                        (Kind::Completed, EnvelopeBody { reply: Some(reply), ..Default::default() })
+                    }
+                    Err(e) => (
+                        Kind::Failed,
+                        EnvelopeBody { error: Some(e.to_string()), ..Default::default() },
+                    ),
+                },
+                // Dropping `converse` aborts the model call.
+                _ = cancel.wait_for(|cancelled| *cancelled) => {
+                    app.broker.publish(EventKind::Status, json!({"state": "idle"}).to_string());
+                    (Kind::Cancelled, EnvelopeBody {
+                        error: Some("the daemon shut down before the intent finished".into()),
+                        ..Default::default()
+                    })
                 }
-                Err(e) => (
-                    Kind::Failed,
-                    EnvelopeBody { error: Some(e.to_string()), ..Default::default() },
-                ),
             };
             app.journal.append(&mut intent, kind, body)
         }

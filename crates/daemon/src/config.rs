@@ -41,6 +41,8 @@ pub const SNAPSHOT_KEEP: &str = "MATRIX_SNAPSHOT_KEEP";
 /// Seconds between periodic snapshots (pushed only when state changed); 0 turns them off.
 /// Default 300.
 pub const SNAPSHOT_INTERVAL_SECS: &str = "MATRIX_SNAPSHOT_INTERVAL_SECS";
+/// Seconds a graceful drain waits for a running intent before cancelling it. Default 30.
+pub const DRAIN_TIMEOUT_SECS: &str = "MATRIX_DRAIN_TIMEOUT_SECS";
 /// `standalone` (default) or `dual`.
 pub const MODE: &str = "MATRIX_MODE";
 /// Test hook: the name of a step at which the process kills itself with SIGKILL (see
@@ -130,6 +132,8 @@ pub struct Config {
     pub snapshot_keep: usize,
     /// `None`: no periodic snapshots.
     pub snapshot_interval: Option<Duration>,
+    /// How long a graceful drain waits for a running intent before cancelling it.
+    pub drain_timeout: Duration,
     pub mode: Mode,
 }
 
@@ -153,6 +157,7 @@ impl Config {
             return Err(malformed(SNAPSHOT_KEEP, "must be at least 1"));
         }
         let interval: u64 = parse_or(&get, SNAPSHOT_INTERVAL_SECS, 300)?;
+        let drain_timeout: u64 = parse_or(&get, DRAIN_TIMEOUT_SECS, 30)?;
         let mode = match get(MODE).as_deref() {
             None | Some("standalone") => Mode::Standalone,
             Some("dual") => Mode::Dual,
@@ -170,6 +175,7 @@ impl Config {
             s3: s3_config(&get)?,
             snapshot_keep,
             snapshot_interval: (interval > 0).then(|| Duration::from_secs(interval)),
+            drain_timeout: Duration::from_secs(drain_timeout),
             mode,
         })
     }
@@ -276,6 +282,7 @@ mod tests {
         assert!(config.s3.is_none());
         assert!(config.model.base_url.is_none());
         assert_eq!(config.mode, Mode::Standalone);
+        assert_eq!(config.drain_timeout, Duration::from_secs(30));
         assert_eq!(
             config.daemon_token().unwrap_err().to_string(),
             format!("{DAEMON_TOKEN} is required but not set")
@@ -290,6 +297,7 @@ mod tests {
             (&[(USER_ID, USER), (LISTEN_ADDR, "localhost")], LISTEN_ADDR),
             (&[(USER_ID, USER), (SNAPSHOT_KEEP, "0")], SNAPSHOT_KEEP),
             (&[(USER_ID, USER), (MODE, "triple")], MODE),
+            (&[(USER_ID, USER), (DRAIN_TIMEOUT_SECS, "soon")], DRAIN_TIMEOUT_SECS),
             (&[(USER_ID, USER), (S3_BUCKET, "b")], S3_SECRET_ACCESS_KEY),
             (&[(USER_ID, USER), (LLM_BASE_URL, "ftp://x")], LLM_BASE_URL),
         ];

@@ -17,8 +17,8 @@ use crate::restore;
 use crate::snapshot::{self, PushOutcome};
 use crate::store::SnapshotStore;
 
-/// How long shutdown waits for a running intent.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a drain waits, after cancelling, for the intent to record `cancelled`.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -120,17 +120,21 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
         }
     }
 
-    // 5. Drain: refuse new work, let the running intent finish, take a last snapshot.
+    // 5. Drain: refuse new work, let the running intent finish or cancel it, take a last
+    //    snapshot. Journal envelopes are fsynced as they are written, so the snapshot that
+    //    follows holds the intent's final envelope.
     tracing::info!("matrixd draining");
     app.start_draining();
     drop(listener);
-    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while app.is_busy() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if app.is_busy() {
-        // FIXME: the running intent is abandoned without a `cancelled` envelope.
-        tracing::warn!("an intent was still running at the end of the drain");
+    if !wait_idle(&app, config.drain_timeout).await {
+        tracing::warn!(
+            drain.timeout_secs = config.drain_timeout.as_secs(),
+            "an intent was still running at the end of the drain; cancelling it"
+        );
+        app.cancel_running();
+        if !wait_idle(&app, CANCEL_TIMEOUT).await {
+            tracing::error!("the running intent did not record its cancellation");
+        }
     }
     if let Some(task) = snapshots {
         task.abort();
@@ -140,6 +144,15 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
     }
     tracing::info!("matrixd stopped");
     Ok(())
+}
+
+/// Waits up to `timeout` for no intent to be running; whether none is.
+async fn wait_idle(app: &App, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while app.is_busy() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    !app.is_busy()
 }
 
 /// `matrixd executor`: the background work of dual mode, until SIGTERM or SIGINT.

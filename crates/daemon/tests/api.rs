@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use harness::llm::{expected_reply, ModelServer};
+use matrixd::journal::Kind;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -68,8 +69,14 @@ impl Running {
 
 /// A daemon on a fresh volume, with the local model server as its provider when `model`.
 fn start(model: bool) -> Running {
+    start_with(model, &[])
+}
+
+/// As [`start`], with `extra` environment variables.
+fn start_with(model: bool, extra: &[(&str, &str)]) -> Running {
     let data = tempfile::tempdir().unwrap();
     let mut env = base_env(data.path());
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let model = model.then(|| ModelServer::start().unwrap());
     if let Some(server) = &model {
         env.insert("MATRIX_LLM_BASE_URL".into(), server.base_url());
@@ -391,6 +398,31 @@ async fn shutdown_drains_and_exits_zero() {
     assert_eq!(body["status"], "draining");
     let exit = tokio::task::block_in_place(|| daemon.daemon.wait_exit());
     assert!(exit.success(), "{exit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_that_runs_out_of_time_cancels_the_intent_in_its_signed_chain() {
+    let mut daemon = start_with(true, &[("MATRIX_DRAIN_TIMEOUT_SECS", "1")]);
+    let hold = daemon.model().hold();
+    let (status, body) = daemon.post("/messages", json!({"message": "never answered"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = body["intent_id"].as_str().unwrap().to_owned();
+    eventually("the intent reaches the model", async || daemon.model().request_count() == 1).await;
+
+    let (status, _) = daemon.post("/shutdown", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let exit = tokio::task::block_in_place(|| daemon.daemon.wait_exit());
+    assert!(exit.success(), "{exit}");
+    drop(hold);
+
+    // Read the chain from disk with the daemon's own key: it verifies and ends cancelled.
+    let data = matrixd::layout::DataDir::new(daemon.data());
+    let journal = matrixd::journal::Journal::new(data.journal(), data.signing_key().unwrap());
+    let chain = journal.read(&id).unwrap();
+    let kinds: Vec<Kind> = chain.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [Kind::Drafting, Kind::Running, Kind::Cancelled]);
+    assert!(chain[2].body.reply.is_none());
+    assert!(chain[2].body.error.as_deref().unwrap().contains("shut down"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
