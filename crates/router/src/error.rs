@@ -64,6 +64,33 @@ impl ApiError {
         Self::client(StatusCode::NOT_FOUND, "not_found", "no such route")
     }
 
+    /// 413: the request body is larger than the router forwards.
+    pub fn body_too_large(max: u64) -> Self {
+        Self::client(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {max} bytes"),
+        )
+    }
+
+    /// A request towards a daemon failed before its response started: when the cause is the
+    /// client's body breaking a limit (found anywhere in `error`'s source chain), the client is
+    /// at fault; otherwise the daemon is, with `upstream` as its error.
+    pub fn forwarding(
+        error: &(dyn std::error::Error + 'static),
+        max_body: u64,
+        upstream: impl FnOnce() -> ApiError,
+    ) -> Self {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return Self::body_too_large(max_body);
+            }
+            cause = e.source();
+        }
+        upstream()
+    }
+
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self

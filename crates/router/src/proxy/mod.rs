@@ -83,7 +83,9 @@ impl Upstream {
         )
         .await
         .map_err(|_| upstream_timeout(addr))?
-        .map_err(|e| upstream_failed(addr, &e))?;
+        .map_err(|e| {
+            ApiError::forwarding(&e, self.limits.max_body_bytes, || upstream_failed(addr, &e))
+        })?;
 
         let (mut parts, body) = response.into_parts();
         headers::response_headers(&mut parts.headers, false);
@@ -175,10 +177,9 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Refuses a body declared larger than the limit before anything is forwarded.
-///
-/// FIXME: a chunked body that grows past the limit is cut while streaming and answered 502,
-/// not 413.
+/// Refuses a body declared larger than the limit before anything is forwarded. A body without
+/// a declared length is cut where it passes the limit, and answered 413 by [`Upstream::forward`]
+/// when the daemon has not answered yet.
 pub fn check_body_size<B>(req: &Request<B>, max: u64) -> Result<(), ApiError> {
     let declared = req
         .headers()
@@ -186,11 +187,7 @@ pub fn check_body_size<B>(req: &Request<B>, max: u64) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return Err(ApiError::client(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {max} bytes"),
-        ));
+        return Err(ApiError::body_too_large(max));
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! endpoint, all on loopback. Run `cargo build --workspace --bins` first.
 
 mod binary;
+mod bodies;
 mod deploys;
 mod fleet;
 mod keys;

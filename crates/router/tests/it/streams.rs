@@ -89,7 +89,7 @@ async fn http2_and_host_checks() {
 }
 
 /// A TLS connection to the router that trusts its self-signed certificate.
-async fn tls_connect(
+pub async fn tls_connect(
     env: &TestEnv,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {

@@ -34,11 +34,17 @@ pub struct Options {
     pub idle_suspend_secs: u64,
     pub max_pending_wakes: usize,
     pub wake_timeout_secs: u64,
+    pub max_body_bytes: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { idle_suspend_secs: 3600, max_pending_wakes: 1000, wake_timeout_secs: 120 }
+        Self {
+            idle_suspend_secs: 3600,
+            max_pending_wakes: 1000,
+            wake_timeout_secs: 120,
+            max_body_bytes: 10 << 20,
+        }
     }
 }
 
@@ -227,6 +233,7 @@ fn router_vars(
         (config::ROUTER_IDLE_SUSPEND_SECS, options.idle_suspend_secs.to_string()),
         (config::ROUTER_MAX_PENDING_WAKES, options.max_pending_wakes.to_string()),
         (config::ROUTER_WAKE_TIMEOUT_SECS, options.wake_timeout_secs.to_string()),
+        (config::ROUTER_MAX_BODY_BYTES, options.max_body_bytes.to_string()),
         (config::ROUTER_WAKE_TOKEN, WAKE_TOKEN.to_owned()),
         (config::ROUTER_ADMIN_TOKEN, ADMIN_TOKEN.to_owned()),
     ]
