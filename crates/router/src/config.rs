@@ -39,6 +39,7 @@ pub const ROUTER_WAKE_TOKEN: &str = "ROUTER_WAKE_TOKEN";
 pub const ROUTER_ADMIN_TOKEN: &str = "ROUTER_ADMIN_TOKEN";
 pub const ROUTER_MAX_BODY_BYTES: &str = "ROUTER_MAX_BODY_BYTES";
 pub const ROUTER_HEADER_READ_TIMEOUT_SECS: &str = "ROUTER_HEADER_READ_TIMEOUT_SECS";
+pub const ROUTER_BODY_IDLE_TIMEOUT_SECS: &str = "ROUTER_BODY_IDLE_TIMEOUT_SECS";
 pub const ROUTER_TLS_HANDSHAKE_TIMEOUT_SECS: &str = "ROUTER_TLS_HANDSHAKE_TIMEOUT_SECS";
 pub const ROUTER_UPSTREAM_CONNECT_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_CONNECT_TIMEOUT_SECS";
 pub const ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS";
@@ -143,6 +144,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Time to read a request head; also bounds an idle keep-alive connection.
     pub header_read_timeout: Duration,
+    /// A request body that sends nothing for this long is cut (408 when no response started).
+    pub body_idle_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_headers_timeout: Duration,
@@ -257,6 +260,7 @@ impl Config {
                 secs(30),
                 parse_secs,
             )?,
+            body_idle_timeout: env.parse_or(ROUTER_BODY_IDLE_TIMEOUT_SECS, secs(30), parse_secs)?,
             tls_handshake_timeout: env.parse_or(
                 ROUTER_TLS_HANDSHAKE_TIMEOUT_SECS,
                 secs(10),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::{full, RouterBody};
+use crate::body::{full, BodyIdleTimeout, RouterBody};
 
 /// Who caused a failure; decides the log level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +74,9 @@ impl ApiError {
     }
 
     /// A request towards a daemon failed before its response started: when the cause is the
-    /// client's body breaking a limit (found anywhere in `error`'s source chain), the client is
-    /// at fault; otherwise the daemon is, with `upstream` as its error.
+    /// client's body breaking a limit (size: 413, idle time: 408; found anywhere in `error`'s
+    /// source chain), the client is at fault; otherwise the daemon is, with `upstream` as its
+    /// error.
     pub fn forwarding(
         error: &(dyn std::error::Error + 'static),
         max_body: u64,
@@ -85,6 +86,9 @@ impl ApiError {
         while let Some(e) = cause {
             if e.is::<http_body_util::LengthLimitError>() {
                 return Self::body_too_large(max_body);
+            }
+            if let Some(idle) = e.downcast_ref::<BodyIdleTimeout>() {
+                return Self::client(StatusCode::REQUEST_TIMEOUT, "body_timeout", idle.to_string());
             }
             cause = e.source();
         }

@@ -41,8 +41,8 @@ pub async fn serve(
     }
 }
 
-// FIXME: no idle timeout on request bodies (a slow body upload holds its connection) and no
-// idle timeout on HTTP/2 connections beyond keep-alive pings.
+// A stalled request body is cut by the proxy (`body::IdleTimeout`), not here.
+// FIXME: no idle timeout on HTTP/2 connections beyond keep-alive pings.
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The header timer also bounds how long an idle keep-alive connection stays open;

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::{BoxError, RouterBody};
+use crate::body::{BoxError, IdleTimeout, RouterBody};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::fleet::ActivityGuard;
@@ -71,6 +71,7 @@ impl Upstream {
         }
 
         let (parts, body) = req.into_parts();
+        let body = IdleTimeout::new(body, self.limits.body_idle_timeout);
         let body = Limited::new(body, self.limits.max_body_bytes as usize).boxed();
         let mut upstream_req = Request::from_parts(parts, body);
         *upstream_req.uri_mut() = uri;

@@ -1,6 +1,8 @@
 //! Request bodies that break the router's limits are answered with the router's own JSON
 //! error instead of a 502.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
@@ -74,4 +76,30 @@ async fn a_chunked_body_past_the_limit_is_answered_413() {
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"], "body_too_large", "{body}");
     assert_eq!(body["message"], format!("request bodies are limited to {MAX_BODY} bytes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_and_answered_408() {
+    let options = Options { body_idle_timeout_secs: 1, ..Options::default() };
+    let Some(env) = TestEnv::start(options).await else { return };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+
+    // The head declares 1000 bytes; 100 arrive, then the client goes quiet without closing.
+    let mut tls = tls_connect(&env, &[b"http/1.1"]).await;
+    let request = format!(
+        "POST /echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 1000\r\n\r\n{}",
+        env.token(user),
+        "z".repeat(100)
+    );
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let (status, body) = read_response(&mut tls).await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["error"], "body_timeout", "{body}");
+
+    // The router lets the connection go instead of waiting for the rest of the body.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is still open after the 408");
 }

@@ -35,6 +35,7 @@ pub struct Options {
     pub max_pending_wakes: usize,
     pub wake_timeout_secs: u64,
     pub max_body_bytes: u64,
+    pub body_idle_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -44,6 +45,7 @@ impl Default for Options {
             max_pending_wakes: 1000,
             wake_timeout_secs: 120,
             max_body_bytes: 10 << 20,
+            body_idle_timeout_secs: 30,
         }
     }
 }
@@ -234,6 +236,7 @@ fn router_vars(
         (config::ROUTER_MAX_PENDING_WAKES, options.max_pending_wakes.to_string()),
         (config::ROUTER_WAKE_TIMEOUT_SECS, options.wake_timeout_secs.to_string()),
         (config::ROUTER_MAX_BODY_BYTES, options.max_body_bytes.to_string()),
+        (config::ROUTER_BODY_IDLE_TIMEOUT_SECS, options.body_idle_timeout_secs.to_string()),
         (config::ROUTER_WAKE_TOKEN, WAKE_TOKEN.to_owned()),
         (config::ROUTER_ADMIN_TOKEN, ADMIN_TOKEN.to_owned()),
     ]
