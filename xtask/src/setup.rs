@@ -65,7 +65,7 @@ pub const TEST: &[Requirement] = &[
     Requirement { program: "unshare", source: Source::Debian("util-linux"), why: "offline checks" },
     Requirement { program: "node", source: Source::Debian("nodejs"), why: "npm MCP servers" },
     Requirement { program: "npm", source: Source::Debian("npm"), why: "npm MCP servers" },
-    Requirement { program: "uv", source: Source::Pip("uv"), why: "Python MCP servers" },
+    Requirement { program: "uv", source: Source::Pip("uv==0.13.9"), why: "Python MCP servers" },
 ];
 
 /// Makes sure every requirement is present, installing what is missing where allowed.
