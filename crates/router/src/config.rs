@@ -44,6 +44,7 @@ pub const ROUTER_TLS_HANDSHAKE_TIMEOUT_SECS: &str = "ROUTER_TLS_HANDSHAKE_TIMEOU
 pub const ROUTER_UPSTREAM_CONNECT_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_CONNECT_TIMEOUT_SECS";
 pub const ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS";
 pub const ROUTER_H2_MAX_STREAMS: &str = "ROUTER_H2_MAX_STREAMS";
+pub const ROUTER_SHUTDOWN_GRACE_SECS: &str = "ROUTER_SHUTDOWN_GRACE_SECS";
 
 /// Daemon token secrets shorter than this are refused: the HMAC key must not be guessable.
 const MIN_SECRET_LEN: usize = 32;
@@ -84,6 +85,8 @@ pub struct Config {
     /// Bearer token for `/admin/users`; the routes are absent when unset.
     pub admin_token: Option<String>,
     pub limits: Limits,
+    /// On SIGTERM, how long open requests and streams may take to finish before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 /// How user tokens are verified.
@@ -162,6 +165,7 @@ impl std::fmt::Debug for Config {
             .field("fly_app", &self.fly.app_name)
             .field("wake", &self.wake)
             .field("limits", &self.limits)
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish_non_exhaustive()
     }
 }
@@ -295,6 +299,7 @@ impl Config {
             wake_token: env.get(ROUTER_WAKE_TOKEN),
             admin_token: env.get(ROUTER_ADMIN_TOKEN),
             limits,
+            shutdown_grace: env.parse_or(ROUTER_SHUTDOWN_GRACE_SECS, secs(30), parse_secs)?,
         })
     }
 }

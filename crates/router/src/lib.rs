@@ -11,6 +11,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod daemon_token;
+pub mod drain;
 pub mod error;
 pub mod fleet;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
@@ -43,18 +45,34 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// A running router; dropping it stops accepting connections and the idle suspender.
+/// A running router; dropping it closes the listener and every connection at once, and stops
+/// the idle suspender. [`RunningRouter::shutdown`] lets open work finish first.
 pub struct RunningRouter {
     /// The bound address (the kernel's choice when the configured port was 0).
     pub addr: SocketAddr,
     /// SHA-256 fingerprint of the served certificate.
     pub fingerprint: String,
     pub metrics: Arc<metrics::Metrics>,
+    drain: drain::Drain,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningRouter {
+    /// Stops accepting connections, lets in-flight requests and open streams (SSE,
+    /// WebSocket) finish for at most `grace`, then cuts what is left. Returns whether
+    /// everything finished within the grace period.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let finished = self.drain.drain(grace).await;
+        if !finished {
+            tracing::warn!(open = self.drain.open(), "grace period over: cutting open streams");
+        }
+        finished
+    }
 }
 
 impl Drop for RunningRouter {
     fn drop(&mut self) {
+        self.drain.cut();
         for task in &self.tasks {
             task.abort();
         }
@@ -74,6 +92,7 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
         machines::FlyClient::new(&config.fly.api_url, &config.fly.api_token, &config.fly.app_name)?;
 
     let metrics = Arc::new(metrics::Metrics::default());
+    let drain = drain::Drain::default();
     let jwks = Arc::new(auth::JwksCache::new(config.auth.jwks_url.clone()));
     let fleet = fleet::Fleet::new(fleet::FleetParts {
         fly,
@@ -88,7 +107,7 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
     let state = Arc::new(service::AppState {
         auth: auth::Authenticator::new(&config.auth, jwks),
         fleet: fleet.clone(),
-        upstream: proxy::Upstream::new(&config.limits),
+        upstream: proxy::Upstream::new(&config.limits, drain.clone()),
         metrics: metrics.clone(),
         wake_token: config.wake_token.clone(),
         admin_token: config.admin_token.clone(),
@@ -102,7 +121,8 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
         .local_addr()
         .map_err(|source| StartError::Bind { addr: config.listen_addr, source })?;
 
-    let serve = server::serve(listener, tls.config, state, config.limits.clone());
-    let tasks = vec![tokio::spawn(serve), tokio::spawn(fleet.run_idle_suspender())];
-    Ok(RunningRouter { addr, fingerprint: tls.fingerprint, metrics, tasks })
+    let serve = server::serve(listener, tls.config, state, config.limits.clone(), drain.clone());
+    drain.spawn(serve);
+    let tasks = vec![tokio::spawn(fleet.run_idle_suspender())];
+    Ok(RunningRouter { addr, fingerprint: tls.fingerprint, metrics, drain, tasks })
 }

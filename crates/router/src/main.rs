@@ -1,5 +1,6 @@
 //! `matrix-router`: reads its configuration from the environment and serves until SIGINT or
-//! SIGTERM. Everything else lives in the library.
+//! SIGTERM, then stops accepting and drains open requests and streams for at most
+//! `ROUTER_SHUTDOWN_GRACE_SECS` before it exits 0. Everything else lives in the library.
 
 use std::process::ExitCode;
 
@@ -30,6 +31,7 @@ async fn main() -> ExitCode {
         }
     };
     let self_signed = config.tls == matrix_router::config::TlsSource::SelfSigned;
+    let grace = config.shutdown_grace;
 
     let router = match matrix_router::start(config).await {
         Ok(router) => router,
@@ -45,9 +47,19 @@ async fn main() -> ExitCode {
     println!("matrix-router listening on https://{}", router.addr);
 
     shutdown_signal().await;
-    tracing::info!("matrix-router shutting down");
-    // FIXME: open streams are cut instead of drained.
-    drop(router);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "matrix-router shutting down: draining open requests and streams"
+    );
+    tokio::select! {
+        drained = router.shutdown(grace) => {
+            if drained {
+                tracing::info!("matrix-router drained");
+            }
+        }
+        // A second signal cuts what is open instead of waiting for the grace period.
+        () = shutdown_signal() => tracing::warn!("second signal: cutting open streams"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -7,24 +7,34 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::config::Limits;
+use crate::drain::Drain;
 use crate::service::{self, AppState};
 
-/// Accepts connections until the task is dropped.
+/// Accepts connections until the shutdown starts, then closes the listener, asks every
+/// connection to finish (idle keep-alive connections close now, a request in flight or an
+/// open stream is served to its end) and waits for them.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: Arc<AppState>,
     limits: Limits,
+    drain: Drain,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&limits));
+    let graceful = GracefulShutdown::new();
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = drain.stopping() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -35,10 +45,20 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let span = tracing::debug_span!("connection", client.addr = %peer);
-        let task =
-            connection(tcp, peer, acceptor.clone(), builder.clone(), state.clone(), limits.clone());
-        tokio::spawn(task.instrument(span));
+        let task = connection(
+            tcp,
+            peer,
+            acceptor.clone(),
+            builder.clone(),
+            state.clone(),
+            limits.clone(),
+            graceful.watcher(),
+        );
+        drain.spawn(task.instrument(span));
     }
+    drop(listener);
+    tracing::debug!("listener closed; waiting for open connections");
+    graceful.shutdown().await;
 }
 
 // A stalled request body is cut by the proxy (`body::IdleTimeout`), not here.
@@ -69,6 +89,7 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     state: Arc<AppState>,
     limits: Limits,
+    shutdown: Watcher,
 ) {
     let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
     let tls = match handshake {
@@ -78,7 +99,8 @@ async fn connection(
     };
     tracing::debug!("connection open");
     let service = service_fn(move |req| service::handle(state.clone(), req, peer));
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    if let Err(e) = shutdown.watch(served).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
     tracing::debug!("connection closed");

@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::{BoxError, IdleTimeout, RouterBody};
 use crate::config::Limits;
+use crate::drain::Drain;
 use crate::error::ApiError;
 use crate::fleet::ActivityGuard;
 use headers::Forwarding;
@@ -30,10 +31,12 @@ use headers::Forwarding;
 pub struct Upstream {
     client: Client<HttpConnector, RouterBody>,
     limits: Limits,
+    /// Upgraded WebSockets run as drained tasks, so a shutdown waits for them too.
+    drain: Drain,
 }
 
 impl Upstream {
-    pub fn new(limits: &Limits) -> Self {
+    pub fn new(limits: &Limits, drain: Drain) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
         connector.set_nodelay(true);
@@ -41,7 +44,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build(connector);
-        Self { client, limits: limits.clone() }
+        Self { client, limits: limits.clone(), drain }
     }
 
     /// Sends `req` to the daemon at `addr` and returns its response, streaming.
@@ -130,7 +133,7 @@ impl Upstream {
         }
 
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
+        self.drain.spawn(async move {
             let _guard = guard;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok(both) => both,

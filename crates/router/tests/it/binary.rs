@@ -1,10 +1,15 @@
-//! The `matrix-router` binary: bad configuration stops it before anything is bound, and its
-//! logs are plain text when they do not go to a terminal.
+//! The `matrix-router` binary: bad configuration stops it before anything is bound, its logs
+//! are plain text when they do not go to a terminal, and SIGTERM drains open streams.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::support::{Options, TestEnv};
 
@@ -72,4 +77,129 @@ async fn piped_logs_carry_no_colour_codes() {
     assert!(read.is_ok(), "no start line within 30 s; logged: {logged:?}");
     assert!(logged.iter().any(|l| l.contains("matrix-router started")), "{logged:?}");
     assert!(logged.iter().all(|l| !l.contains('\x1b')), "colour codes in piped logs: {logged:?}");
+}
+
+/// The binary running against a test topology, with its stderr lines on a channel.
+struct Router {
+    child: tokio::process::Child,
+    base: String,
+    logs: mpsc::UnboundedReceiver<String>,
+}
+
+impl Router {
+    async fn spawn(env: &TestEnv, grace_secs: u64) -> Self {
+        let binary = harness::tools::workspace_binary("matrix-router");
+        let mut child = tokio::process::Command::new(binary)
+            .env_clear()
+            .envs(&env.vars)
+            .env(matrix_router::config::ROUTER_SHUTDOWN_GRACE_SECS, grace_secs.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn matrix-router");
+        let (tx, logs) = mpsc::unbounded_channel();
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line()).await;
+        let line = line.expect("no listening line within 30 s").expect("stdout").expect("line");
+        let base = line.rsplit(' ').next().expect("address").to_owned();
+        assert!(base.starts_with("https://"), "{line}");
+        Self { child, base, logs }
+    }
+
+    /// Sends SIGTERM and waits until the router logged that it is shutting down.
+    async fn terminate(&mut self) {
+        let pid = self.child.id().expect("pid") as i32;
+        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
+        let logged = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = self.logs.recv().await {
+                if line.contains("matrix-router shutting down") {
+                    return;
+                }
+            }
+            panic!("the router's stderr closed before it logged the shutdown");
+        });
+        logged.await.expect("no shutdown line within 30 s of SIGTERM");
+    }
+
+    /// The exit code, waiting at most 60 s (far beyond any grace period the tests set).
+    async fn exit_code(&mut self) -> Option<i32> {
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await;
+        status.expect("the router did not exit").expect("wait").code()
+    }
+}
+
+/// Opens `/events` on `router` as `user` and forwards every chunk read to a channel.
+async fn open_events(
+    env: &TestEnv,
+    router: &Router,
+    user: Uuid,
+) -> mpsc::UnboundedReceiver<String> {
+    let url = format!("{}/events", router.base);
+    let response = env.http.get(url).bearer_auth(env.token(user)).send().await.expect("events");
+    assert_eq!(response.status(), 200);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stream = response.bytes_stream();
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = stream.next().await {
+            if tx.send(String::from_utf8_lossy(&chunk).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_an_open_stream_until_the_grace_period_ends_then_exits_0() {
+    let Some(env) = TestEnv::start(Options::default()).await else { return };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+    let mut router = Router::spawn(&env, 3).await;
+    let mut events = open_events(&env, &router, user).await;
+    let first = events.recv().await.expect("first event");
+    assert!(first.contains("data: hello"), "{first:?}");
+
+    router.terminate().await;
+    // The daemon writes a keep-alive every second and never ends the stream: two more chunks
+    // can only arrive if the router still forwards after the signal.
+    for n in 0..2 {
+        let chunk = events.recv().await;
+        let chunk = chunk.unwrap_or_else(|| panic!("the stream was cut after {n} chunks"));
+        assert!(chunk.contains("keep-alive"), "{chunk:?}");
+    }
+    // Meanwhile the listener is closed: no new connections.
+    let addr = router.base.trim_start_matches("https://");
+    let connect = tokio::net::TcpStream::connect(addr).await;
+    assert!(connect.is_err(), "a new connection was accepted while draining");
+
+    // The stream never ends by itself: the grace period runs out, the router exits 0 and
+    // the stream is closed.
+    assert_eq!(router.exit_code().await, Some(0));
+    while events.recv().await.is_some() {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_0_once_the_last_open_stream_closes() {
+    let Some(env) = TestEnv::start(Options::default()).await else { return };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+    // A grace period far beyond the test's own bound: an exit means the drain finished.
+    let mut router = Router::spawn(&env, 3600).await;
+    let mut events = open_events(&env, &router, user).await;
+    events.recv().await.expect("first event");
+
+    router.terminate().await;
+    let chunk = events.recv().await.expect("the stream was cut by the signal");
+    assert!(chunk.contains("keep-alive"), "{chunk:?}");
+    // The client goes away: nothing is open any more.
+    drop(events);
+    assert_eq!(router.exit_code().await, Some(0));
 }
