@@ -95,10 +95,93 @@ impl RegistryErrorBody {
     pub fn parse(body: &[u8]) -> (Option<String>, Option<String>) {
         match serde_json::from_slice::<RegistryErrorBody>(body) {
             Ok(parsed) => match parsed.errors.into_iter().next() {
-                Some(first) => (Some(first.code), first.message),
+                Some(first) => {
+                    (Some(sanitize(&first.code)), first.message.as_deref().map(sanitize))
+                }
                 None => (None, None),
             },
             Err(_) => (None, None),
         }
+    }
+}
+
+/// The most of a registry's text that goes into an error.
+const MAX_ECHOED: usize = 300;
+
+/// A registry's text made safe to print: a hostile or careless registry may echo the
+/// request's `Authorization` header, so any credential in it is blanked, control
+/// characters are dropped, and it is cut to [`MAX_ECHOED`] characters.
+pub(crate) fn sanitize(text: &str) -> String {
+    let mut words: Vec<String> = Vec::new();
+    let mut hide_next = false;
+    for word in text.split_whitespace() {
+        let lower = word.to_ascii_lowercase();
+        if hide_next {
+            words.push("[redacted]".to_owned());
+            let bare = lower.trim_end_matches([':', '=']);
+            hide_next = matches!(bare, "authorization" | "basic" | "bearer");
+            continue;
+        }
+        let scheme = lower.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+        if scheme.starts_with("authorization") || scheme == "basic" || scheme == "bearer" {
+            hide_next = true;
+            // `authorization:basic,xyz` style: keep the name, drop what follows it.
+            let name_end = word.find([':', '=']).map_or(word.len(), |i| i + 1);
+            let (name, rest) = word.split_at(name_end);
+            words.push(name.to_owned());
+            if !rest.is_empty() {
+                words.push("[redacted]".to_owned());
+            }
+            continue;
+        }
+        if scheme.starts_with("basic") || scheme.starts_with("bearer") {
+            // `Basic=...`, `Bearer:...`: a scheme glued to its credential.
+            words.push("[redacted]".to_owned());
+            continue;
+        }
+        words.push(word.chars().filter(|c| !c.is_control()).collect());
+    }
+    let joined = words.join(" ");
+    if joined.chars().count() <= MAX_ECHOED {
+        return joined;
+    }
+    let cut: String = joined.chars().take(MAX_ECHOED).collect();
+    format!("{cut}... (cut)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str, expected: (Option<&str>, Option<&str>)) {
+        let (code, message) = RegistryErrorBody::parse(body.as_bytes());
+        assert_eq!((code.as_deref(), message.as_deref()), expected, "for {body}");
+    }
+
+    #[test]
+    fn error_bodies_never_echo_credentials() {
+        check(
+            r#"{"errors":[{"code":"DENIED","message":"no: Authorization: Basic eDpzZWNyZXQ="}]}"#,
+            (Some("DENIED"), Some("no: Authorization: [redacted] [redacted]")),
+        );
+        check(
+            r#"{"errors":[{"code":"DENIED","message":"got bearer abc.def.ghi here"}]}"#,
+            (Some("DENIED"), Some("got bearer [redacted] here")),
+        );
+        check(
+            r#"{"errors":[{"code":"Basic eDpzZWNyZXQ=","message":"authorization=Bearer x"}]}"#,
+            (Some("Basic [redacted]"), Some("authorization= [redacted] [redacted]")),
+        );
+        check(r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#, (Some("BLOB_UNKNOWN"), None));
+    }
+
+    #[test]
+    fn long_error_bodies_are_cut() {
+        let long = "x".repeat(10_000);
+        let body = format!(r#"{{"errors":[{{"code":"DENIED","message":"{long}"}}]}}"#);
+        let (_, message) = RegistryErrorBody::parse(body.as_bytes());
+        let message = message.expect("message");
+        assert!(message.len() < 400, "{} chars", message.len());
+        assert!(message.ends_with("... (cut)"));
     }
 }
