@@ -257,7 +257,16 @@ impl Rollout {
                     };
                     (result, None)
                 }
-                Err(problem) => {
+                Err(MachineProblem::Leased(problem)) => {
+                    // Never touched: someone else (a router wake, another tool) holds it.
+                    // The wave still fails, so the deploy does not report itself finished.
+                    tracing::warn!(machine = %record.machine_id, problem, "machine skipped");
+                    let id = &record.machine_id;
+                    self.store.mark(run, id, MachineStatus::Skipped, None, Some(&problem)).await?;
+                    ok = false;
+                    (MachineResult::SkippedLeased, Some(problem))
+                }
+                Err(MachineProblem::Failed(problem)) => {
                     tracing::warn!(machine = %record.machine_id, problem, "machine update failed");
                     let id = &record.machine_id;
                     self.store.mark(run, id, MachineStatus::Failed, None, Some(&problem)).await?;
@@ -343,15 +352,16 @@ impl Rollout {
         run: Uuid,
         record: &MachineRecord,
         image: &str,
-    ) -> Result<Result<String, String>, RolloutError> {
+    ) -> Result<Result<String, MachineProblem>, RolloutError> {
         let id = record.machine_id.as_str();
         let lease = match self.lease(id, &format!("deploy {run}")).await {
             Ok(lease) => lease,
-            Err(problem) => return Ok(Err(problem)),
+            Err(LeaseProblem::HeldElsewhere(why)) => return Ok(Err(MachineProblem::Leased(why))),
+            Err(LeaseProblem::Failed(why)) => return Ok(Err(MachineProblem::Failed(why))),
         };
         let result = self.replace_image(run, record, image, &lease.nonce).await;
         self.release(id, lease).await;
-        result
+        Ok(result?.map_err(MachineProblem::Failed))
     }
 
     async fn replace_image(
@@ -419,7 +429,7 @@ impl Rollout {
 
     async fn roll_back(&self, record: &MachineRecord) -> Result<(), String> {
         let id = record.machine_id.as_str();
-        let lease = self.lease(id, "deploy rollback").await?;
+        let lease = self.lease(id, "deploy rollback").await.map_err(LeaseProblem::into_detail)?;
         let result = async {
             let machine =
                 self.fly.get_machine(id).await.map_err(|e| format!("reading the machine: {e}"))?;
@@ -460,13 +470,13 @@ impl Rollout {
 
     /// Polls until the machine is started, every check passes, and `/healthz` answers.
     async fn healthy(&self, id: &str) -> Result<(), String> {
-        let deadline = Instant::now() + self.config.health_timeout;
+        let deadline = deadline_after(self.config.health_timeout);
         loop {
             let problem = match self.probe(id).await {
                 Ok(()) => return Ok(()),
                 Err(problem) => problem,
             };
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(format!(
                     "not healthy after {:?}: {problem}",
                     self.config.health_timeout
@@ -504,16 +514,22 @@ impl Rollout {
 
     /// Takes the machine's lease, waiting while someone else holds it, and keeps it
     /// fresh in the background until released (or dropped).
-    async fn lease(&self, id: &str, description: &str) -> Result<HeldLease, String> {
-        let deadline = Instant::now() + self.config.lease_wait;
+    async fn lease(&self, id: &str, description: &str) -> Result<HeldLease, LeaseProblem> {
+        let deadline = deadline_after(self.config.lease_wait);
         let lease = loop {
             match self.fly.acquire_lease(id, self.config.lease_ttl, description).await {
                 Ok(lease) => break lease,
-                Err(e) if e.is_conflict() && Instant::now() < deadline => {
+                Err(e) if e.is_conflict() => {
+                    if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        return Err(LeaseProblem::HeldElsewhere(format!(
+                            "someone else held its lease for over {:?}",
+                            self.config.lease_wait
+                        )));
+                    }
                     tracing::debug!(machine = id, "lease held elsewhere; waiting");
                     tokio::time::sleep(self.config.poll_interval).await;
                 }
-                Err(e) => return Err(format!("taking the lease: {e}")),
+                Err(e) => return Err(LeaseProblem::Failed(format!("taking the lease: {e}"))),
             }
         };
         let nonce = lease.data.nonce;
@@ -539,6 +555,33 @@ impl Rollout {
     }
 }
 
+/// Why one machine was not updated.
+enum MachineProblem {
+    /// Someone else held its lease for all of `lease_wait`: it was left as it was.
+    Leased(String),
+    /// Its update, wait or health check failed.
+    Failed(String),
+}
+
+/// Why a lease could not be taken.
+enum LeaseProblem {
+    HeldElsewhere(String),
+    Failed(String),
+}
+
+impl LeaseProblem {
+    fn into_detail(self) -> String {
+        match self {
+            LeaseProblem::HeldElsewhere(why) | LeaseProblem::Failed(why) => why,
+        }
+    }
+}
+
+/// `timeout` from now, or `None` (no deadline) when that is past what an `Instant` holds.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
 /// A lease this rollout holds; dropping it (a cancelled rollout) stops the refreshing,
 /// so the lease expires after its TTL.
 struct HeldLease {
@@ -558,4 +601,15 @@ fn outcome(
     detail: Option<String>,
 ) -> MachineOutcome {
     MachineOutcome { machine_id: record.machine_id.clone(), result, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_timeout_has_no_deadline_instead_of_overflowing() {
+        assert!(deadline_after(Duration::MAX).is_none());
+        assert!(deadline_after(Duration::from_secs(120)).is_some_and(|d| d > Instant::now()));
+    }
 }

@@ -16,6 +16,8 @@ pub enum MachineResult {
     Current,
     /// Its update or health check failed.
     Failed,
+    /// Left as it was: someone else held its lease (a router wake, another deploy).
+    SkippedLeased,
     /// Put back on its previous image after a failed wave.
     RolledBack,
     /// The rollback itself failed: needs a look.
@@ -31,6 +33,7 @@ impl MachineResult {
             MachineResult::UpdatedAsleep => "updated (asleep)",
             MachineResult::Current => "already current",
             MachineResult::Failed => "failed",
+            MachineResult::SkippedLeased => "skipped: leased by another",
             MachineResult::RolledBack => "rolled back",
             MachineResult::RollbackFailed => "rollback failed",
             MachineResult::NotReached => "not reached",
@@ -39,7 +42,10 @@ impl MachineResult {
 
     /// Whether this result makes the deploy a failure.
     pub fn is_failure(self) -> bool {
-        matches!(self, MachineResult::Failed | MachineResult::RollbackFailed)
+        matches!(
+            self,
+            MachineResult::Failed | MachineResult::SkippedLeased | MachineResult::RollbackFailed
+        )
     }
 }
 
@@ -101,13 +107,13 @@ impl fmt::Display for Outcome {
         for machine in &self.machines {
             by_result.entry(machine.result).or_default().push(&machine.machine_id);
         }
-        writeln!(f, "{:<18} {:>5}  machines", "outcome", "count")?;
+        writeln!(f, "{:<26} {:>5}  machines", "outcome", "count")?;
         for (result, ids) in &by_result {
             let mut shown = ids.iter().take(6).copied().collect::<Vec<_>>().join(" ");
             if ids.len() > 6 {
                 shown.push_str(&format!(" (+{})", ids.len() - 6));
             }
-            writeln!(f, "{:<18} {:>5}  {shown}", result.as_str(), ids.len())?;
+            writeln!(f, "{:<26} {:>5}  {shown}", result.as_str(), ids.len())?;
         }
         for machine in self.machines.iter().filter(|m| m.detail.is_some()) {
             let detail = machine.detail.as_deref().unwrap_or_default();

@@ -34,6 +34,8 @@ pub enum MachineStatus {
     Updating,
     Updated,
     Failed,
+    /// Left untouched: someone else held its lease.
+    Skipped,
     RolledBack,
     RollbackFailed,
 }
@@ -45,6 +47,7 @@ impl MachineStatus {
             MachineStatus::Updating => "updating",
             MachineStatus::Updated => "updated",
             MachineStatus::Failed => "failed",
+            MachineStatus::Skipped => "skipped",
             MachineStatus::RolledBack => "rolled_back",
             MachineStatus::RollbackFailed => "rollback_failed",
         }
@@ -55,6 +58,7 @@ impl MachineStatus {
             "updating" => MachineStatus::Updating,
             "updated" => MachineStatus::Updated,
             "failed" => MachineStatus::Failed,
+            "skipped" => MachineStatus::Skipped,
             "rolled_back" => MachineStatus::RolledBack,
             "rollback_failed" => MachineStatus::RollbackFailed,
             _ => MachineStatus::Pending,
@@ -94,6 +98,8 @@ pub struct ActiveRun {
 /// A connection to the rollout tables.
 pub struct Store {
     client: Client,
+    /// Whether the rollout tables exist (always after [`Store::connect`]).
+    schema: bool,
     _connection: tokio::task::JoinHandle<()>,
 }
 
@@ -102,6 +108,42 @@ impl Store {
     ///
     /// FIXME: plain TCP only; a database reached over an untrusted network needs TLS.
     pub async fn connect(url: &str) -> Result<Self, RolloutError> {
+        let mut store = Self::open(url).await?;
+        store.migrate().await?;
+        store.schema = true;
+        Ok(store)
+    }
+
+    /// Connects to `url` for reading only (what `--dry-run` uses): no migration runs, the
+    /// session refuses every write, and when the rollout tables do not exist there is
+    /// simply no unfinished run and no desired image.
+    pub async fn connect_read_only(url: &str) -> Result<Self, RolloutError> {
+        let mut store = Self::open(url).await?;
+        store
+            .client
+            .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            .await
+            .map_err(db("make the session read-only"))?;
+        let row = store
+            .client
+            .query_one(
+                "SELECT to_regclass('rollout_runs') IS NOT NULL
+                    AND to_regclass('rollout_machines') IS NOT NULL
+                    AND to_regclass('rollout_desired_images') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(db("look for the rollout tables"))?;
+        store.schema = row.get(0);
+        Ok(store)
+    }
+
+    /// Checks that `url` is a PostgreSQL connection string, without connecting.
+    pub fn check_url(url: &str) -> Result<(), tokio_postgres::Error> {
+        url.parse::<tokio_postgres::Config>().map(drop)
+    }
+
+    async fn open(url: &str) -> Result<Self, RolloutError> {
         let (client, connection) =
             tokio_postgres::connect(url, NoTls).await.map_err(db("connect to the database"))?;
         let task = tokio::spawn(async move {
@@ -109,9 +151,7 @@ impl Store {
                 tracing::warn!(%error, "rollout database connection ended");
             }
         });
-        let mut store = Self { client, _connection: task };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Self { client, schema: false, _connection: task })
     }
 
     async fn migrate(&mut self) -> Result<(), RolloutError> {
@@ -160,6 +200,9 @@ impl Store {
 
     /// The app's unfinished run, if there is one.
     pub async fn active_run(&self, app: &str) -> Result<Option<ActiveRun>, RolloutError> {
+        if !self.schema {
+            return Ok(None);
+        }
         let row = self
             .client
             .query_opt(
@@ -261,6 +304,9 @@ impl Store {
 
     /// The image new machines of `app` should run, when a rollout set one.
     pub async fn desired_image(&self, app: &str) -> Result<Option<String>, RolloutError> {
+        if !self.schema {
+            return Ok(None);
+        }
         desired_image(&self.client, app).await
     }
 

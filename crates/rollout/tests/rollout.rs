@@ -298,3 +298,61 @@ async fn fly_api_429s_are_absorbed_by_retries() {
         assert_eq!(fleet.updates_of(id).await, 1, "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_leased_by_someone_else_is_skipped_untouched_and_the_deploy_fails() {
+    let Some(fleet) = Fleet::start(3, 0, 0).await else { return };
+    let mut settings = config(1, 2);
+    settings.lease_wait = Duration::from_secs(1);
+    let mut rollout = fleet.rollout(settings).await;
+    let canary = rollout.plan(NEW).await.expect("plan").waves[0][0].id.clone();
+    // A router wake holds the canary's lease for longer than the deploy waits.
+    fleet.fly.acquire_lease(&canary, Duration::from_secs(120), "wake").await.expect("lease");
+
+    let outcome = rollout.run(NEW, &rollout::NoProgress).await.expect("rollout");
+    assert!(outcome.failed(), "a skipped machine means the deploy did not finish: {outcome}");
+    let canary_outcome = outcome.machines.iter().find(|m| m.machine_id == canary).expect("row");
+    assert_eq!(canary_outcome.result, MachineResult::SkippedLeased, "{outcome}");
+    assert_eq!(outcome.count(MachineResult::RolledBack), 0, "{outcome}");
+    assert!(outcome.to_string().contains("skipped: leased by another"), "{outcome}");
+    for id in fleet.all() {
+        assert_eq!(fleet.machine(id).await.config.image, OLD, "{id}");
+        assert_eq!(fleet.updates_of(id).await, 0, "{id} was not touched");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_never_creates_or_writes_the_tables() {
+    let Some(pg) = harness::postgres::PgCluster::start().expect("start postgres") else { return };
+    let url = pg.create_database("dry_run").expect("create database");
+    let tables = |client: tokio_postgres::Client| async move {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'rollout_%'",
+                &[],
+            )
+            .await
+            .expect("count tables");
+        row.get::<_, i64>(0)
+    };
+    let connect = || async {
+        let (client, connection) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client
+    };
+
+    // A database no deploy has used: nothing unfinished, no desired image, no tables made.
+    let store = Store::connect_read_only(&url).await.expect("read-only store");
+    assert!(store.active_run(APP).await.expect("active run").is_none());
+    assert!(store.desired_image(APP).await.expect("desired image").is_none());
+    assert_eq!(tables(connect().await).await, 0, "a dry run created tables");
+
+    // After a real deploy recorded an image, the read-only view sees it and cannot write.
+    let writer = Store::connect(&url).await.expect("store");
+    writer.set_desired_image(APP, OLD, uuid::Uuid::nil()).await.expect("set desired");
+    let store = Store::connect_read_only(&url).await.expect("read-only store");
+    assert_eq!(store.desired_image(APP).await.expect("desired").as_deref(), Some(OLD));
+    assert!(store.set_desired_image(APP, NEW, uuid::Uuid::nil()).await.is_err());
+    assert_eq!(writer.desired_image(APP).await.expect("desired").as_deref(), Some(OLD));
+}
