@@ -37,18 +37,37 @@ pub struct Args {
 }
 
 pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
+    // 1. Settings and arguments first: a bad one stops here, before any build.
+    let destination = match &args.to {
+        Some(to) => Destination::Given(
+            Reference::parse(to).unwrap_or_else(|e| config_error(&format!("--to {to:?}: {e}"))),
+        ),
+        None => Destination::Default { registry: registry_host(), app: app_name(None) },
+    };
+
+    // 2. Build, then push.
     let layout = image_layout(sh, &args.image)?;
-    let target = match &args.to {
-        Some(to) => Reference::parse(to)?,
-        None => default_target(&layout, &required(FLY_APP_NAME))?,
+    let target = match destination {
+        Destination::Given(target) => target,
+        Destination::Default { registry, app } => default_target(&layout, &registry, &app)?,
     };
     let pushed = push(&layout, &target, args.mount_from)?;
     println!("{}", pushed.reference);
     Ok(())
 }
 
+/// Where `push` sends the image: `--to`, or the app's repository in `$MATRIX_REGISTRY`,
+/// tagged once the digest is known.
+enum Destination {
+    Given(Reference),
+    Default { registry: String, app: String },
+}
+
 /// The OCI layout for `image`: a directory as given, or the output of `nix build`.
 pub fn image_layout(sh: &Shell, image: &str) -> anyhow::Result<PathBuf> {
+    if image.trim().is_empty() {
+        config_error("the image is empty: give a flake attribute (daemon) or an OCI layout path");
+    }
     let path = Path::new(image);
     if path.join("oci-layout").is_file() {
         return Ok(path.to_owned());
@@ -61,7 +80,11 @@ pub fn image_layout(sh: &Shell, image: &str) -> anyhow::Result<PathBuf> {
         anyhow::bail!("{image}: no such OCI image layout directory");
     }
 
-    let attribute = flake_attribute(image);
+    let Some(attribute) = flake_attribute(image) else {
+        config_error(&format!(
+            "{image:?} is neither an OCI layout directory nor a flake attribute ([A-Za-z0-9_-])"
+        ));
+    };
     let out_link = crate::project_root().join("target/xtask").join(format!("result-{attribute}"));
     let installable = format!(".#{attribute}");
     eprintln!("building {installable} with nix");
@@ -77,14 +100,17 @@ pub fn image_layout(sh: &Shell, image: &str) -> anyhow::Result<PathBuf> {
     Ok(built)
 }
 
-/// `daemon` -> `daemon-image`; `.#daemon-image` -> `daemon-image`.
-fn flake_attribute(image: &str) -> String {
+/// `daemon` -> `daemon-image`; `.#daemon-image` -> `daemon-image`; `None` when what is left
+/// is not a plain attribute name (empty, `-image`, or with characters nix would read as
+/// something else).
+fn flake_attribute(image: &str) -> Option<String> {
     let bare = image.trim_start_matches(".#").trim_start_matches('#');
-    if bare.ends_with("-image") {
-        bare.to_owned()
-    } else {
-        format!("{bare}-image")
+    let plain = bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let name = bare.strip_suffix("-image").unwrap_or(bare);
+    if !plain || name.is_empty() || name.starts_with('-') {
+        return None;
     }
+    Some(format!("{name}-image"))
 }
 
 /// The manifest digest of the layout's image, read without any network I/O.
@@ -93,13 +119,52 @@ pub fn layout_digest(layout: &Path) -> anyhow::Result<String> {
     Ok(opened.select(None)?.digest.clone())
 }
 
-/// `$MATRIX_REGISTRY/<app>:<first 12 hex of the digest>`.
-pub fn default_target(layout: &Path, app: &str) -> anyhow::Result<Reference> {
-    let registry = required(MATRIX_REGISTRY);
+/// `registry/<app>:<first 12 hex of the digest>`, from a checked [`registry_host`] and
+/// [`app_name`].
+pub fn default_target(layout: &Path, registry: &str, app: &str) -> anyhow::Result<Reference> {
     let digest = layout_digest(layout)?;
     let short = digest.trim_start_matches("sha256:").get(..12).unwrap_or("latest");
     Reference::parse(&format!("{registry}/{app}:{short}"))
-        .with_context(|| format!("{MATRIX_REGISTRY}={registry:?} is not a registry host"))
+        .with_context(|| format!("{registry}/{app}:{short} is not an image reference"))
+}
+
+/// `$MATRIX_REGISTRY`, checked to be a registry host (exit 64 naming it otherwise).
+pub fn registry_host() -> String {
+    let registry = required(MATRIX_REGISTRY);
+    if Reference::parse(&format!("{registry}/app:latest")).is_err() || registry.contains('/') {
+        config_error(&format!("{MATRIX_REGISTRY}={registry:?} is not a registry host"));
+    }
+    registry
+}
+
+/// The app: `flag` (`--app`) when given, else `$FLY_APP_NAME`; a name Fly would refuse
+/// stops the program (exit 64), naming where it came from.
+pub fn app_name(flag: Option<&str>) -> String {
+    let (app, source) = match flag {
+        Some(app) => (app.to_owned(), "--app"),
+        None => (required(FLY_APP_NAME), FLY_APP_NAME),
+    };
+    if !is_app_name(&app) {
+        config_error(&format!(
+            "{source} {app:?} is not a Fly app name (lower-case letters, digits and inner dashes)"
+        ));
+    }
+    app
+}
+
+/// Fly app names: `[a-z0-9]` and dashes, not at either end; also a valid repository name.
+fn is_app_name(app: &str) -> bool {
+    !app.is_empty()
+        && app.len() <= 63
+        && !app.starts_with('-')
+        && !app.ends_with('-')
+        && app.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A malformed argument or setting: says what, and exits 64.
+pub fn config_error(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(EXIT_CONFIG);
 }
 
 /// Pushes the layout to `target` with the credentials from the environment.
@@ -176,8 +241,29 @@ mod tests {
 
     #[test]
     fn flake_attributes() {
-        assert_eq!(flake_attribute("daemon"), "daemon-image");
-        assert_eq!(flake_attribute(".#daemon-image"), "daemon-image");
-        assert_eq!(flake_attribute("browser-image"), "browser-image");
+        let table: &[(&str, Option<&str>)] = &[
+            ("daemon", Some("daemon-image")),
+            (".#daemon-image", Some("daemon-image")),
+            ("browser-image", Some("browser-image")),
+            ("", None),
+            (".#", None),
+            ("-image", None),
+            (".#-image", None),
+            ("daemon image", None),
+            ("daemon;rm", None),
+        ];
+        for (image, expected) in table {
+            assert_eq!(flake_attribute(image).as_deref(), *expected, "for {image:?}");
+        }
+    }
+
+    #[test]
+    fn app_names() {
+        for good in ["matrix-users", "app1", "a"] {
+            assert!(is_app_name(good), "{good:?}");
+        }
+        for bad in ["", "App", "Bad App/../x", "-app", "app-", "a/b", "a_b", "a.b"] {
+            assert!(!is_app_name(bad), "{bad:?}");
+        }
     }
 }
