@@ -18,6 +18,15 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// The lifetime the token spec says to assume when `expires_in` is missing.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
+/// The longest a token is reused, whatever its endpoint says (a push never lasts a day).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long to reuse a token: its `expires_in`, capped so that a hostile or broken token
+/// endpoint cannot overflow the expiry instant.
+fn token_lifetime(expires_in: Option<u64>) -> Duration {
+    expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME).min(MAX_TOKEN_LIFETIME)
+}
+
 /// What the client logs in with.
 #[derive(Clone, Default)]
 pub enum Credentials {
@@ -213,7 +222,7 @@ impl Authorizer {
             return Err(token_error("the answer holds no token".to_owned()));
         };
 
-        let lifetime = body.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let lifetime = token_lifetime(body.expires_in);
         let expires = issued + lifetime;
         self.tokens
             .lock()
@@ -227,6 +236,15 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        assert_eq!(token_lifetime(None), DEFAULT_TOKEN_LIFETIME);
+        assert_eq!(token_lifetime(Some(300)), Duration::from_secs(300));
+        assert_eq!(token_lifetime(Some(u64::MAX)), MAX_TOKEN_LIFETIME);
+        // The expiry instant of the largest lifetime is representable.
+        assert!(Instant::now().checked_add(token_lifetime(Some(u64::MAX))).is_some());
+    }
 
     #[test]
     fn parses_challenges() {
