@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    forget_cargo_run_env();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -72,6 +73,23 @@ pub fn project_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask has a parent directory")
         .to_owned()
+}
+
+/// `cargo run` gives xtask its own package's `CARGO_PKG_*` and `CARGO_MANIFEST_*`
+/// variables. Passed on to a nested `cargo build`, they change what some build scripts see
+/// (ring's, for one), which rebuilds half the dependency tree on every `cargo xtask` call.
+///
+/// Called first in `main`, while the process has one thread.
+fn forget_cargo_run_env() {
+    let inherited = std::env::vars_os().filter_map(|(key, _)| key.into_string().ok()).filter(|k| {
+        k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(k.as_str(), "CARGO_BIN_NAME" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE")
+    });
+    let inherited: Vec<String> = inherited.collect();
+    for key in inherited {
+        std::env::remove_var(key);
+    }
 }
 
 /// Reads `.env` from the repository root, if there is one; the environment wins.
