@@ -99,3 +99,47 @@ fn a_missing_setting_exits_64_naming_the_variable() {
     let public = ["--listen", "0.0.0.0:4280", "--image-map", "map.json", "--state-dir", "s"];
     check(&public, Some("t"), "FLY_EMULATOR_LISTEN");
 }
+
+#[test]
+fn an_unusable_state_dir_exits_64_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, "{\"images\": {}}").unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let corrupt = dir.path().join("corrupt");
+    std::fs::create_dir(&corrupt).unwrap();
+    std::fs::write(corrupt.join("state.json"), "{\"apps\": [").unwrap();
+
+    for state_dir in [&file, &corrupt] {
+        let output = Command::new(BINARY)
+            .args(["--listen", "127.0.0.1:0", "--image-map"])
+            .arg(&map)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("FLY_API_TOKEN", "t")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{state_dir:?}: {stderr}");
+        assert!(stderr.contains("FLY_EMULATOR_STATE_DIR"), "{state_dir:?}: {stderr}");
+        assert!(output.stdout.is_empty());
+    }
+}
+
+#[test]
+fn a_missing_token_is_not_said_to_have_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("map.json"), "{\"images\": {}}").unwrap();
+    let output = Command::new(BINARY)
+        .args(["--image-map", "map.json", "--state-dir", "s"])
+        .env_remove("FLY_API_TOKEN")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("FLY_API_TOKEN"), "{stderr}");
+    assert!(!stderr.contains("flag"), "FLY_API_TOKEN has no flag: {stderr}");
+}

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use machines::emulator::{Emulator, EmulatorConfig, ImageMap, RateLimit};
+use machines::emulator::{Emulator, EmulatorConfig, EmulatorError, ImageMap, RateLimit};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Exit status for a bad setting (EX_USAGE).
@@ -51,6 +51,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(config, images)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A state directory that cannot be used is a bad setting, like a missing one.
+        Err(e) if matches!(e.downcast_ref(), Some(EmulatorError::State(_))) => {
+            eprintln!("fly-emulator: {}: {e:#}", config::STATE_DIR_VAR);
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("fly-emulator: {e:#}");
             ExitCode::FAILURE

@@ -36,7 +36,7 @@ pub(crate) struct Timing {
 impl Timing {
     pub fn of(check: &Check) -> Self {
         let parse = |text: &Option<String>, default: Duration| {
-            text.as_deref().and_then(parse_go_duration).unwrap_or(default)
+            text.as_deref().and_then(|t| parse_go_duration(t).ok()).unwrap_or(default)
         };
         Self {
             grace_period: parse(&check.grace_period, Duration::from_secs(1)),

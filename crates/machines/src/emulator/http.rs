@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::controls::{Fault, SettingsPatch, Stats};
-use super::engine::Engine;
+use super::engine::{is_app_name, Engine};
 use super::error::ApiError;
 use super::rate::Limiter;
 use crate::client::LEASE_NONCE_HEADER;
@@ -34,8 +34,8 @@ type Answer = Response<Full<Bytes>>;
 /// The API server's shared state.
 pub(crate) struct Api {
     pub engine: Arc<Engine>,
-    /// The accepted `Authorization` values.
-    accepted: [String; 2],
+    /// The token clients must send, as `Bearer` or `FlyV1`.
+    token: String,
     stats: Mutex<Stats>,
     faults: Mutex<Vec<Fault>>,
     limiter: Mutex<Limiter>,
@@ -68,6 +68,11 @@ impl Route {
         let m = method.as_str();
         if segments.iter().any(|segment| segment.is_empty()) {
             return None;
+        }
+        if let ["v1", "apps", app, ..] = segments {
+            if !is_app_name(app) {
+                return None;
+            }
         }
         Some(match segments {
             ["v1", "apps"] if m == "POST" => route("app_create", "", None, None),
@@ -143,15 +148,35 @@ impl Call {
         self.nonce.as_deref()
     }
 
-    /// The JSON body; an empty body reads as `default`.
-    fn json<T: DeserializeOwned>(&self, default: Option<T>) -> Result<T, ApiError> {
-        if self.body.iter().all(u8::is_ascii_whitespace) {
-            if let Some(default) = default {
-                return Ok(default);
-            }
+    /// The JSON object body, Go type `go_type` on Fly; an empty body (or `null`) reads as
+    /// `default`. Like Go's decoder, anything but an object is refused, where serde would
+    /// read an array as a struct's fields.
+    fn json<T: DeserializeOwned>(&self, default: Option<T>, go_type: &str) -> Result<T, ApiError> {
+        let empty = self.body.iter().all(u8::is_ascii_whitespace);
+        let value: Value = if empty {
+            Value::Null
+        } else {
+            serde_json::from_slice(&self.body)
+                .map_err(|e| ApiError::invalid_argument(format!("json: {e}")))?
+        };
+        let kind = match &value {
+            Value::Object(_) => None,
+            Value::Null => match default {
+                Some(default) => return Ok(default),
+                None if empty => return Err(ApiError::invalid_argument("json: empty body")),
+                None => None,
+            },
+            Value::Array(_) => Some("array"),
+            Value::String(_) => Some("string"),
+            Value::Number(_) => Some("number"),
+            Value::Bool(_) => Some("bool"),
+        };
+        if let Some(kind) = kind {
+            return Err(ApiError::invalid_argument(format!(
+                "json: cannot unmarshal {kind} into Go value of type {go_type}"
+            )));
         }
-        serde_json::from_slice(&self.body)
-            .map_err(|e| ApiError::invalid_argument(format!("json: {e}")))
+        serde_json::from_value(value).map_err(|e| ApiError::invalid_argument(format!("json: {e}")))
     }
 }
 
@@ -188,11 +213,19 @@ impl Api {
         let token = token.strip_prefix("FlyV1 ").unwrap_or(token);
         Self {
             engine,
-            accepted: [format!("Bearer {token}"), format!("FlyV1 {token}")],
+            token: token.to_owned(),
             stats: Mutex::new(Stats::new()),
             faults: Mutex::new(Vec::new()),
             limiter: Mutex::new(Limiter::default()),
         }
+    }
+
+    /// Whether an `Authorization` value carries the token; the scheme is case-insensitive
+    /// (RFC 7235).
+    fn accepts(&self, authorization: &str) -> bool {
+        let Some((scheme, token)) = authorization.trim().split_once(' ') else { return false };
+        let known = ["Bearer", "FlyV1"].iter().any(|s| s.eq_ignore_ascii_case(scheme));
+        known && token.trim_start() == self.token
     }
 
     /// Serves one request; never fails (errors become Fly-shaped answers).
@@ -210,7 +243,7 @@ impl Api {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| self.accepted.iter().any(|a| a == v.trim()));
+            .is_some_and(|v| self.accepts(v));
         if !authorized {
             return error_answer(&ApiError::unauthenticated());
         }
@@ -236,9 +269,7 @@ impl Api {
             .map(str::to_owned);
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) => {
-                return error_answer(&ApiError::invalid_argument(format!("reading body: {e}")))
-            }
+            Err(e) => return error_answer(&body_error(e.as_ref())),
         };
         let call = Call { route, query, nonce, body };
 
@@ -297,18 +328,20 @@ impl Api {
         let ok = |value: Value| Ok((StatusCode::OK, Some(value)));
         match call.route.action {
             "app_create" => {
-                let created = engine.create_app(call.json::<CreateAppRequest>(None)?)?;
+                let created = engine
+                    .create_app(call.json::<CreateAppRequest>(None, "main.createAppRequest")?)?;
                 let body = json!({"id": created.id, "created_at": created.created_at});
                 Ok((StatusCode::CREATED, Some(body)))
             }
             "app_get" => ok(engine.get_app(app)),
-            "create" => {
-                ok(to_value(engine.create(app, call.json::<CreateMachineRequest>(None)?)?)?)
-            }
+            "create" => ok(to_value(engine.create(
+                app,
+                call.json::<CreateMachineRequest>(None, "api.LaunchMachineInput")?,
+            )?)?),
             "list" => ok(self.list(call)?),
             "get" => ok(to_value(engine.get(app, id)?)?),
             "update" => {
-                let request = call.json::<UpdateMachineRequest>(None)?;
+                let request = call.json::<UpdateMachineRequest>(None, "api.LaunchMachineInput")?;
                 ok(to_value(engine.update(app, id, request, call.nonce())?)?)
             }
             "delete" => {
@@ -318,7 +351,7 @@ impl Api {
             }
             "start" => ok(to_value(engine.start(app, id, call.nonce())?)?),
             "stop" => {
-                let request = call.json(Some(StopConfig::default()))?;
+                let request = call.json(Some(StopConfig::default()), "main.stopRequest")?;
                 engine.stop(app, id, request, call.nonce())?;
                 ok(json!({"ok": true}))
             }
@@ -331,8 +364,13 @@ impl Api {
                 ok(to_value(engine.wait(app, id, &states, version, timeout).await?)?)
             }
             "lease_acquire" => {
-                let request = call.json(Some(LeaseRequest::default()))?;
-                let query_ttl = call.query("ttl").and_then(|t| t.parse().ok());
+                let request = call.json(Some(LeaseRequest::default()), "main.leaseRequest")?;
+                let query_ttl = match call.query("ttl") {
+                    None => None,
+                    Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                        ApiError::invalid_argument(format!("invalid ttl {text:?}"))
+                    })?),
+                };
                 let ttl = request.ttl.or(query_ttl).unwrap_or(DEFAULT_LEASE_TTL).max(1);
                 let description = request.description.unwrap_or_default();
                 let lease = engine.acquire_lease(app, id, ttl, description, call.nonce())?;
@@ -349,7 +387,7 @@ impl Api {
                 struct SetValue {
                     value: String,
                 }
-                let value = call.json::<SetValue>(None)?.value;
+                let value = call.json::<SetValue>(None, "main.metadataValue")?.value;
                 let key = call.route.key.as_deref().unwrap_or_default();
                 engine.set_metadata(app, id, key, Some(value), call.nonce())?;
                 Ok((StatusCode::NO_CONTENT, None))
@@ -363,9 +401,10 @@ impl Api {
                 let limit = call.query("limit").and_then(|l| l.parse().ok()).unwrap_or(20usize);
                 ok(to_value(engine.events(app, id, limit.clamp(1, 50))?)?)
             }
-            "volume_create" => {
-                ok(to_value(engine.create_volume(app, call.json::<CreateVolumeRequest>(None)?)?)?)
-            }
+            "volume_create" => ok(to_value(engine.create_volume(
+                app,
+                call.json::<CreateVolumeRequest>(None, "api.CreateVolumeRequest")?,
+            )?)?),
             "volume_list" => ok(to_value(engine.list_volumes(app))?),
             "volume_get" => ok(to_value(engine.get_volume(app, id)?)?),
             "volume_delete" => ok(to_value(engine.delete_volume(app, id)?)?),
@@ -382,8 +421,10 @@ impl Api {
         let mut states = Vec::new();
         for (_, value) in call.query.iter().filter(|(k, _)| k == "state") {
             for name in value.split(',').filter(|s| !s.is_empty()) {
-                let state: MachineState = serde_json::from_value(json!(name))
-                    .map_err(|_| ApiError::invalid_argument(format!("invalid state {name:?}")))?;
+                let state = serde_json::from_value(json!(name))
+                    .ok()
+                    .filter(|state| *state != MachineState::Unknown)
+                    .ok_or_else(|| ApiError::invalid_argument(format!("invalid state {name:?}")))?;
                 states.push(state);
             }
         }
@@ -411,9 +452,7 @@ impl Api {
         let method = request.method().clone();
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) => {
-                return error_answer(&ApiError::invalid_argument(format!("reading body: {e}")))
-            }
+            Err(e) => return error_answer(&body_error(e.as_ref())),
         };
         let parse = |bytes: &Bytes| -> Result<Value, ApiError> {
             serde_json::from_slice(bytes)
@@ -464,6 +503,18 @@ impl Api {
     }
 }
 
+/// 413 for a body over [`MAX_BODY`], 400 for one that could not be read.
+fn body_error(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    if error.is::<LengthLimitError>() {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            error: format!("invalid_argument: request body larger than {MAX_BODY} bytes"),
+            kind: None,
+        };
+    }
+    ApiError::invalid_argument(format!("reading body: {error}"))
+}
+
 fn fault_answer(fault: &Fault) -> Answer {
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let text = if status == StatusCode::TOO_MANY_REQUESTS {
@@ -497,7 +548,7 @@ fn wait_parameters(call: &Call) -> Result<(Vec<WaitState>, Option<&str>, Duratio
         None => Some(Duration::from_secs(60)),
         Some(text) => match text.parse::<u64>() {
             Ok(seconds) => Some(Duration::from_secs(seconds)),
-            Err(_) => parse_go_duration(text),
+            Err(_) => parse_go_duration(text).ok(),
         },
     };
     let in_range = |t: &Duration| (Duration::from_secs(1)..=Duration::from_secs(60)).contains(t);
@@ -509,6 +560,11 @@ fn wait_parameters(call: &Call) -> Result<(Vec<WaitState>, Option<&str>, Duratio
 
     let version =
         call.query("version").or_else(|| call.query("instance_id")).filter(|v| !v.is_empty());
+    if let Some(version) = version.filter(|v| ulid::Ulid::from_string(v).is_err()) {
+        return Err(ApiError::invalid_argument(format!(
+            "invalid version {version:?}: expected a 26-character instance id"
+        )));
+    }
     if states.contains(&WaitState::Stopped) && version.is_none() {
         return Err(ApiError::invalid_argument(
             "instance_id (version) is required when waiting for the stopped state",

@@ -38,6 +38,9 @@ pub(crate) struct MachineRecord {
     pub lease: Option<LeaseData>,
     /// Unix milliseconds of the destroy, for the short time a destroyed machine is shown.
     pub destroyed_at: Option<i64>,
+    /// The instance ids of replaced versions, oldest first: `wait` knows them as stopped.
+    #[serde(default)]
+    pub replaced_versions: Vec<String>,
 }
 
 /// Where the state lives.
@@ -83,6 +86,10 @@ impl StateDir {
         // Machine processes get volume paths substituted into their command: make them
         // absolute so that they do not depend on the emulator's working directory.
         let root = std::fs::canonicalize(root).map_err(io("resolving", root))?;
+        // Find a read-only directory now rather than at the first call that changes state.
+        let probe = root.join(format!("{STATE_FILE}.probe"));
+        std::fs::File::create(&probe).map_err(io("writing to", &root))?;
+        std::fs::remove_file(&probe).map_err(io("writing to", &root))?;
         Ok(Self { root })
     }
 

@@ -218,23 +218,77 @@ pub struct StopConfig {
     /// Signal name such as `SIGTERM` (Fly's default is `SIGINT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
-    /// Go duration to wait before SIGKILL (`"10s"`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Go duration to wait before SIGKILL (`"10s"`). A JSON number is nanoseconds, as
+    /// fly-go's `Duration` reads it, and is kept as its decimal text.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration_text_or_nanos"
+    )]
     pub timeout: Option<String>,
 }
 
-/// Parses a Go duration string (`"1m30s"`, `"500ms"`); a bare number is nanoseconds, as in
-/// fly-go.
-pub fn parse_go_duration(text: &str) -> Option<std::time::Duration> {
-    let text = text.trim();
-    if let Ok(nanos) = text.parse::<u64>() {
-        return Some(std::time::Duration::from_nanos(nanos));
+/// A Go duration given as text, or as a JSON number of nanoseconds (fly-go's `Duration`).
+fn duration_text_or_nanos<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Nanos(u64),
+        Fractional(f64),
     }
+    match Option::<Raw>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Raw::Text(text)) => Ok(Some(text)),
+        Some(Raw::Nanos(nanos)) => Ok(Some(nanos.to_string())),
+        // Go converts a float to `time.Duration` by truncating it.
+        Some(Raw::Fractional(nanos)) if nanos.is_finite() && (0.0..9.2e18).contains(&nanos) => {
+            Ok(Some((nanos as u64).to_string()))
+        }
+        Some(Raw::Fractional(nanos)) => Err(serde::de::Error::custom(format!(
+            "invalid duration {nanos}: expected nanoseconds within Go's time.Duration"
+        ))),
+    }
+}
+
+/// A text that is not a Go duration, or one longer than Go's `time.Duration` holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {text:?}: {reason}")]
+pub struct DurationError {
+    text: String,
+    reason: &'static str,
+}
+
+/// The longest Go duration: `time.Duration` is an `int64` of nanoseconds (about 292 years).
+const MAX_GO_DURATION: std::time::Duration = std::time::Duration::from_nanos(i64::MAX as u64);
+
+/// Parses a Go duration string (`"1m30s"`, `"500ms"`); a bare number is nanoseconds, as in
+/// fly-go. Anything Go's `time.ParseDuration` would reject as out of range is an error.
+pub fn parse_go_duration(text: &str) -> Result<std::time::Duration, DurationError> {
+    let error = |reason| DurationError { text: text.to_owned(), reason };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(error("empty"));
+    }
+    let total = match trimmed.parse::<u64>() {
+        Ok(nanos) => std::time::Duration::from_nanos(nanos),
+        Err(_) => {
+            let seconds = sum_of_units(trimmed).ok_or_else(|| error("expected e.g. 1m30s"))?;
+            std::time::Duration::try_from_secs_f64(seconds).map_err(|_| error("out of range"))?
+        }
+    };
+    if total > MAX_GO_DURATION {
+        return Err(error("out of range"));
+    }
+    Ok(total)
+}
+
+/// The seconds in `1h2m3.5s`-style text; `None` when a number or unit is malformed.
+fn sum_of_units(text: &str) -> Option<f64> {
     let mut total = 0f64;
     let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
     while !rest.is_empty() {
         let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let (number, tail) = rest.split_at(number_len);
@@ -253,7 +307,7 @@ pub fn parse_go_duration(text: &str) -> Option<std::time::Duration> {
         total += value * seconds;
         rest = tail;
     }
-    Some(std::time::Duration::from_secs_f64(total))
+    total.is_finite().then_some(total)
 }
 
 #[cfg(test)]
@@ -296,7 +350,7 @@ mod tests {
     }
 
     fn check_duration(text: &str, expected: Option<u64>) {
-        let parsed = parse_go_duration(text).map(|d| d.as_millis() as u64);
+        let parsed = parse_go_duration(text).ok().map(|d| d.as_millis() as u64);
         assert_eq!(parsed, expected, "{text}");
     }
 
@@ -309,5 +363,9 @@ mod tests {
         check_duration("2000000000", Some(2_000));
         check_duration("", None);
         check_duration("5 minutes", None);
+        check_duration("99999999999999999h", None);
+        check_duration("18446744073709551615", None);
+        check_duration(&format!("{}h", "9".repeat(400)), None);
+        check_duration("2562047h", Some(2_562_047 * 3_600_000));
     }
 }

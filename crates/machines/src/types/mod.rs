@@ -12,8 +12,8 @@ mod volume;
 use serde::{Deserialize, Serialize};
 
 pub use config::{
-    parse_go_duration, Autostop, Check, Guest, MachineConfig, Mount, Port, RestartPolicy, Service,
-    StopConfig,
+    parse_go_duration, Autostop, Check, DurationError, Guest, MachineConfig, Mount, Port,
+    RestartPolicy, Service, StopConfig,
 };
 pub use lease::{Lease, LeaseData, LeaseRequest};
 pub use machine::{

@@ -78,6 +78,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error("{0} is not set (or pass the matching flag)")]
     Missing(&'static str),
+    #[error("{0} is not set (it is read from the environment only)")]
+    MissingFromEnvironment(&'static str),
     #[error("{name} is malformed: {reason}")]
     Malformed { name: &'static str, reason: String },
 }
@@ -99,7 +101,7 @@ impl Config {
         let token = std::env::var(TOKEN_VAR)
             .ok()
             .filter(|t| !t.trim().is_empty())
-            .ok_or(ConfigError::Missing(TOKEN_VAR))?;
+            .ok_or(ConfigError::MissingFromEnvironment(TOKEN_VAR))?;
         Ok(Self {
             listen,
             image_map: cli.image_map.ok_or(ConfigError::Missing(IMAGE_MAP_VAR))?,

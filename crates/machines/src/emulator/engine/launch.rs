@@ -21,6 +21,8 @@ impl Engine {
         if config.mounts.len() > 1 {
             return Err(ApiError::invalid_argument("a machine can mount one volume"));
         }
+        check_durations(&config)?;
+        let lease_expiry = request.lease_ttl.map(lease_expiry).transpose()?;
 
         let mut inner = lock(&self.inner);
         let id = random_hex(14);
@@ -67,9 +69,9 @@ impl Engine {
             extra: serde_json::Map::new(),
         };
         push_event(&mut machine, "launch", MachineState::Created, "user");
-        let lease = request.lease_ttl.map(|ttl| LeaseData {
+        let lease = lease_expiry.map(|expires_at| LeaseData {
             nonce: random_hex(16),
-            expires_at: chrono::Utc::now().timestamp() + ttl as i64,
+            expires_at,
             owner: LEASE_OWNER.to_owned(),
             description: String::new(),
             version: machine.instance_id.clone(),
@@ -77,7 +79,13 @@ impl Engine {
 
         let mut answer = machine.clone();
         answer.nonce = lease.as_ref().map(|l| l.nonce.clone());
-        let record = MachineRecord { machine, address, lease, destroyed_at: None };
+        let record = MachineRecord {
+            machine,
+            address,
+            lease,
+            destroyed_at: None,
+            replaced_versions: Vec::new(),
+        };
         inner.app(app).machines.insert(id.clone(), record);
         self.commit(&inner);
         drop(inner);
@@ -271,4 +279,28 @@ pub(super) fn fail_boot(record: &mut MachineRecord, reason: &str) {
 
 pub(super) fn is_free(address: Ipv4Addr, port: u16) -> bool {
     std::net::TcpListener::bind(SocketAddrV4::new(address, port)).is_ok()
+}
+
+/// Every Go duration in a config (checks, `stop_config`) must parse, or the background
+/// tasks that use them could not: Fly answers 400 for a malformed config.
+pub(super) fn check_durations(config: &crate::types::MachineConfig) -> Result<(), ApiError> {
+    let invalid = |field: String| {
+        move |e: crate::types::DurationError| ApiError::invalid_argument(format!("{field}: {e}"))
+    };
+    for (name, check) in &config.checks {
+        let fields = [
+            ("interval", &check.interval),
+            ("timeout", &check.timeout),
+            ("grace_period", &check.grace_period),
+        ];
+        for (field, text) in fields {
+            if let Some(text) = text {
+                parse_go_duration(text).map_err(invalid(format!("checks.{name}.{field}")))?;
+            }
+        }
+    }
+    if let Some(text) = config.stop_config.as_ref().and_then(|c| c.timeout.as_ref()) {
+        parse_go_duration(text).map_err(invalid("stop_config.timeout".to_owned()))?;
+    }
+    Ok(())
 }

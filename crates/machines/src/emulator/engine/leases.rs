@@ -16,6 +16,15 @@ pub(super) fn lease_held(id: &str, lease: &LeaseData) -> ApiError {
     ))
 }
 
+/// When a lease of `ttl` seconds taken now ends; 400 for a TTL no date can hold.
+pub(super) fn lease_expiry(ttl: u64) -> Result<i64, ApiError> {
+    i64::try_from(ttl)
+        .ok()
+        .and_then(|ttl| chrono::Utc::now().timestamp().checked_add(ttl))
+        .filter(|at| chrono::DateTime::from_timestamp(*at, 0).is_some())
+        .ok_or_else(|| ApiError::invalid_argument(format!("invalid lease ttl {ttl}: too long")))
+}
+
 /// Mutating calls on a leased machine must carry the lease's nonce (Fly answers 409).
 pub(super) fn check_lease(record: &mut MachineRecord, nonce: Option<&str>) -> Result<(), ApiError> {
     let Some(lease) = &record.lease else { return Ok(()) };
@@ -41,7 +50,7 @@ impl Engine {
         let retention = self.settings().destroyed_retention();
         let mut inner = lock(&self.inner);
         let record = inner.machine(app, id, retention)?;
-        let expires_at = chrono::Utc::now().timestamp() + ttl as i64;
+        let expires_at = lease_expiry(ttl)?;
         let lease = match record.lease.take().filter(lease_is_active) {
             Some(mut held) if nonce == Some(held.nonce.as_str()) => {
                 held.expires_at = expires_at;

@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use self::leases::check_lease;
+use self::leases::{check_lease, lease_expiry};
 use super::checks;
 use super::controls::Settings;
 use super::error::ApiError;
@@ -121,6 +121,13 @@ fn push_event_with(
     machine.updated_at = now_rfc3339();
 }
 
+/// Whether Fly could have an app of this name: lower-case letters, digits and dashes, at
+/// most 63 characters. Apps come into being on first use, so nothing else may reach the store.
+pub(crate) fn is_app_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 impl Inner {
     fn app(&mut self, app: &str) -> &mut AppRecord {
         self.store.apps.entry(app.to_owned()).or_insert_with(|| AppRecord {
@@ -141,10 +148,10 @@ impl Inner {
         retention: Duration,
     ) -> Result<&mut MachineRecord, ApiError> {
         let machines = &mut self.app(app).machines;
-        let expired = machines
-            .get(id)
-            .and_then(|r| r.destroyed_at)
-            .is_some_and(|at| now_ms().saturating_sub(at) > retention.as_millis() as i64);
+        let expired = machines.get(id).and_then(|r| r.destroyed_at).is_some_and(|at| {
+            let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            now_ms().saturating_sub(at) > retention
+        });
         if expired {
             machines.remove(id);
         }
@@ -218,6 +225,12 @@ impl Engine {
     pub fn create_app(&self, request: CreateAppRequest) -> Result<App, ApiError> {
         if request.app_name.is_empty() {
             return Err(ApiError::invalid_argument("app_name is required"));
+        }
+        if !is_app_name(&request.app_name) {
+            return Err(ApiError::invalid_argument(format!(
+                "invalid app_name {:?}: use lower-case letters, digits and dashes, at most 63",
+                request.app_name
+            )));
         }
         let mut inner = lock(&self.inner);
         if inner.store.apps.contains_key(&request.app_name) {

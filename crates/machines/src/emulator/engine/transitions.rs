@@ -16,10 +16,12 @@ impl Engine {
                 request.config.image
             )));
         }
+        super::launch::check_durations(&request.config)?;
         let retention = self.settings().destroyed_retention();
         let mut inner = lock(&self.inner);
         let record = inner.machine(app, id, retention)?;
         check_lease(record, nonce)?;
+        let replaced_versions = &mut record.replaced_versions;
         let machine = &mut record.machine;
         if let Some(expected) = &request.current_version {
             if *expected != machine.instance_id {
@@ -52,7 +54,8 @@ impl Engine {
         let was_started = matches!(machine.state, MachineState::Started | MachineState::Starting);
         let old_stop = machine.config.stop_config.clone().unwrap_or_default();
         machine.config = request.config;
-        machine.instance_id = ulid::Ulid::new().to_string();
+        let replaced = std::mem::replace(&mut machine.instance_id, ulid::Ulid::new().to_string());
+        replaced_versions.push(replaced);
         machine.checks.clear();
         push_event(machine, "update", MachineState::Replacing, "user");
         let version = machine.instance_id.clone();
@@ -316,7 +319,7 @@ pub(super) fn stop_parameters(
         request.timeout.clone().or_else(|| configured.and_then(|c| c.timeout.clone()));
     let grace = match timeout_text {
         Some(text) => parse_go_duration(&text)
-            .ok_or_else(|| ApiError::invalid_argument(format!("invalid timeout {text:?}")))?,
+            .map_err(|e| ApiError::invalid_argument(format!("timeout: {e}")))?,
         None => DEFAULT_STOP_TIMEOUT,
     };
     Ok((signal, grace))

@@ -19,9 +19,16 @@ impl Engine {
             changes.borrow_and_update();
             {
                 let mut inner = lock(&self.inner);
-                let machine = &inner.machine(app, id, retention)?.machine;
+                let record = inner.machine(app, id, retention)?;
+                let machine = &record.machine;
                 // A version that was replaced has ended: it counts as stopped.
                 let replaced = version.is_some_and(|v| v != machine.instance_id);
+                let known = |v: &&str| record.replaced_versions.iter().any(|r| r == v);
+                if let Some(unknown) = version.filter(|v| replaced && !known(v)) {
+                    return Err(ApiError::not_found(format!(
+                        "machine {id} has no version {unknown}"
+                    )));
+                }
                 let reached = if replaced {
                     states.iter().any(|s| matches!(s, WaitState::Stopped | WaitState::Settled))
                 } else {
