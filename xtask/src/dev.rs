@@ -93,6 +93,9 @@ impl Settings {
 }
 
 pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
+    // Ctrl-C at any moment, start-up included, must stop what has started: from here on
+    // SIGINT and SIGTERM only raise a flag, checked between steps and while running.
+    let stop = StopSignal::install()?;
     let settings = Settings::from_env();
     let root = crate::project_root();
     let state =
@@ -140,11 +143,13 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     };
 
     say("starting the S3-compatible snapshot store");
+    stop.check()?;
     let s3 = harness::s3::S3Server::start()
         .context("starting the S3 server")?
         .context("no S3 server: install MinIO or `pip install 'moto[server]'`")?;
     s3.create_bucket(SNAPSHOT_BUCKET).context("creating the snapshot bucket")?;
 
+    stop.check()?;
     let _model;
     let mut app_env: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in s3.env(SNAPSHOT_BUCKET) {
@@ -164,6 +169,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     }
 
     // 4. The emulator, whose machines run the real entrypoint and daemon, then the router.
+    stop.check()?;
     let fly_dir = state.join("fly");
     std::fs::create_dir_all(&fly_dir)?;
     let image_map = fly_dir.join("images.json");
@@ -182,6 +188,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     let (mut emulator, fly_url) =
         spawn_announced("fly", &mut emulator_cmd, "fly-emulator listening on ", &lines_tx)?;
 
+    stop.check()?;
     let tls = dev_certificate(&state.join("tls"))?;
     let wake_token = "matrix-dev-wake-token";
     let admin_token = "matrix-dev-admin-token";
@@ -208,6 +215,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     let (mut router, router_url) =
         spawn_announced("router", &mut router_cmd, "matrix-router listening on ", &lines_tx)?;
     let router_url = router_url.replace("127.0.0.1", "localhost");
+    stop.check()?;
 
     // 5. What a person needs to try it.
     let tokens: Vec<(String, String, String)> = DEV_USERS
@@ -238,7 +246,7 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     }
 
     // Until Ctrl-C, or until a component dies.
-    let interrupted = wait_for_interrupt(&mut [&mut emulator, &mut router]);
+    let interrupted = stop.wait(&mut [&mut emulator, &mut router]);
 
     // 6. Stop the router first (no new wakes), then the machines, then the stores.
     say("stopping: router, machines, S3, PostgreSQL");
@@ -393,24 +401,59 @@ fn forward(
     });
 }
 
-/// Blocks until SIGINT/SIGTERM, or until one of `children` exits on its own.
-fn wait_for_interrupt(children: &mut [&mut ChildGuard]) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
-        loop {
+/// SIGINT and SIGTERM, caught from the start of `dev` so that an interrupted start-up
+/// still stops (drops) every component it had started.
+struct StopSignal {
+    raised: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("starting the signal runtime")?;
+        let raised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut int, mut term) = runtime.block_on(async {
+            anyhow::Ok((signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?))
+        })?;
+        let flag = raised.clone();
+        runtime.spawn(async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-                _ = term.recv() => return Ok(()),
-                _ = ticker.tick() => {
-                    for child in children.iter_mut() {
-                        child.check_running()?;
-                    }
-                }
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(Self { raised, _runtime: runtime })
+    }
+
+    fn raised(&self) -> bool {
+        self.raised.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Fails when a stop was asked for, so that `?` unwinds and drops what started.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.raised() {
+            bail!("interrupted during start-up; stopped what had started");
         }
-    })
+        Ok(())
+    }
+
+    /// Blocks until a stop is asked for, or until one of `children` exits on its own.
+    fn wait(&self, children: &mut [&mut ChildGuard]) -> anyhow::Result<()> {
+        while !self.raised() {
+            for child in children.iter_mut() {
+                child.check_running()?;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
 }
 
 fn say(message: &str) {
