@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::body::RouterBody;
 use crate::error::ApiError;
 use crate::fleet::error_chain;
-use crate::service::{method_not_allowed, ok_json, require_bearer, AppState};
+use crate::service::{ok_json, require_bearer, AppState};
 
 pub async fn handle(
     state: &Arc<AppState>,
@@ -42,7 +42,8 @@ pub async fn handle(
             Ok(ok_json(serde_json::json!({ "user": record })))
         }
         (Method::DELETE, Some(user)) => deprovision(state, user).await,
-        _ => Err(method_not_allowed()),
+        (_, None) => Err(ApiError::method_not_allowed("GET")),
+        (_, Some(_)) => Err(ApiError::method_not_allowed("GET, POST, DELETE")),
     }
 }
 
@@ -81,7 +82,8 @@ async fn deprovision(state: &AppState, user: Uuid) -> Result<Response<RouterBody
     let fly = state.fleet.fly();
     let gone = |e: &machines::FlyError| e.is_not_found();
     let fly_failed = |e: machines::FlyError| {
-        ApiError::upstream(StatusCode::BAD_GATEWAY, "fly_api_failed", error_chain(&e))
+        ApiError::upstream(StatusCode::BAD_GATEWAY, "fly_api_failed", crate::fleet::FLY_FAILED)
+            .with_detail(error_chain(&e))
     };
     // Machine first: a volume cannot be destroyed while mounted.
     if let Err(e) = fly.delete_machine(&record.machine_id, true, None).await {

@@ -28,17 +28,31 @@ pub struct ApiError {
     pub fault: Fault,
     /// Short machine-readable code, e.g. `invalid_token`.
     pub code: &'static str,
-    /// Human-readable text; never contains a token.
+    /// Human-readable text sent to the client: short, and never a token, an address or a
+    /// library's internals.
     pub message: String,
+    /// What went wrong in full, for the log only (never sent).
+    pub detail: Option<String>,
     /// Sent as `Retry-After` when set.
     pub retry_after: Option<Duration>,
     /// Sent as `WWW-Authenticate` on 401.
     pub www_authenticate: Option<&'static str>,
+    /// Sent as `Allow` on a 405 the router itself answers.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, fault: Fault, code: &'static str, message: String) -> Self {
-        Self { status, fault, code, message, retry_after: None, www_authenticate: None }
+        Self {
+            status,
+            fault,
+            code,
+            message,
+            detail: None,
+            retry_after: None,
+            www_authenticate: None,
+            allow: None,
+        }
     }
 
     pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -49,8 +63,32 @@ impl ApiError {
         Self::new(status, Fault::Upstream, code, message.into())
     }
 
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, Fault::Internal, "internal", message.into())
+    /// A 500; `detail` is logged, the client reads only "internal error".
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Fault::Internal,
+            "internal",
+            "internal error".into(),
+        )
+        .with_detail(detail)
+    }
+
+    /// A 405 for a route of the router's own, with the methods it accepts in `Allow`.
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        let mut err = Self::client(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        );
+        err.allow = Some(allow);
+        err
+    }
+
+    /// Keeps `detail` for the log; the client still reads only `message`.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 
     /// A 401 with the `WWW-Authenticate` challenge RFC 6750 asks for.
@@ -102,15 +140,16 @@ impl ApiError {
 
     /// Logs the error at the level its fault calls for, and turns it into a response.
     pub fn into_response(self) -> Response<RouterBody> {
+        let detail = self.detail.as_deref().unwrap_or(&self.message);
         match self.fault {
             Fault::Client => {
-                tracing::debug!(status = self.status.as_u16(), code = self.code, error = %self.message, "request refused")
+                tracing::debug!(status = self.status.as_u16(), code = self.code, error = %detail, "request refused")
             }
             Fault::Upstream => {
-                tracing::warn!(status = self.status.as_u16(), code = self.code, error = %self.message, "upstream failure")
+                tracing::warn!(status = self.status.as_u16(), code = self.code, error = %detail, "upstream failure")
             }
             Fault::Internal => {
-                tracing::error!(status = self.status.as_u16(), code = self.code, error = %self.message, "request could not be served")
+                tracing::error!(status = self.status.as_u16(), code = self.code, error = %detail, "request could not be served")
             }
         }
         let body = serde_json::json!({ "error": self.code, "message": self.message });
@@ -120,6 +159,9 @@ impl ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(challenge) = self.www_authenticate {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         if let Some(after) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));

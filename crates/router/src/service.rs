@@ -68,6 +68,9 @@ async fn route(
         (_, p) if p == "/admin/users" || p.starts_with("/admin/users/") => {
             admin::handle(state, req).await
         }
+        // Before authentication: the route does not exist for anyone, and the machine is not
+        // woken for it.
+        (_, p) if proxy::internal::is_daemon_internal(p) => Err(ApiError::not_found()),
         _ => proxy_to_daemon(state, req, peer, request_id).await,
     }
 }
@@ -118,8 +121,9 @@ async fn readyz(state: &AppState) -> Result<Response<RouterBody>, ApiError> {
         Err(e) => Err(ApiError::upstream(
             StatusCode::SERVICE_UNAVAILABLE,
             "database_unreachable",
-            crate::fleet::error_chain(&e),
-        )),
+            "the database is unreachable",
+        )
+        .with_detail(crate::fleet::error_chain(&e))),
     }
 }
 
@@ -140,7 +144,7 @@ async fn internal_wake(
 ) -> Result<Response<RouterBody>, ApiError> {
     let Some(expected) = state.wake_token.as_deref() else { return Err(ApiError::not_found()) };
     if req.method() != Method::POST {
-        return Err(method_not_allowed());
+        return Err(ApiError::method_not_allowed("POST"));
     }
     require_bearer(req.headers(), expected)?;
 
@@ -201,8 +205,10 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
             ))
         }
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::client(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::client(StatusCode::BAD_REQUEST, "bad_json", "the body is not the expected JSON")
+            .with_detail(e.to_string())
+    })
 }
 
 pub fn ok_json(value: serde_json::Value) -> Response<RouterBody> {
@@ -211,8 +217,4 @@ pub fn ok_json(value: serde_json::Value) -> Response<RouterBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-pub fn method_not_allowed() -> ApiError {
-    ApiError::client(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed")
 }

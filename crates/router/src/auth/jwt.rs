@@ -35,6 +35,34 @@ pub enum TokenError {
     Anonymous,
 }
 
+impl TokenError {
+    /// A short reason that is stable across library versions, for the client: the
+    /// `Display` text (with the JWT library's and serde's wording) is for the debug log only.
+    pub fn reason(&self) -> &'static str {
+        use jsonwebtoken::errors::ErrorKind;
+        match self {
+            TokenError::TooLarge => "token too large",
+            TokenError::Header => "token malformed",
+            TokenError::NoSecret | TokenError::AlgorithmMismatch => "token algorithm not accepted",
+            TokenError::NoKid | TokenError::UnknownKid => "token signing key unknown",
+            TokenError::Role | TokenError::Subject => "token claims invalid",
+            TokenError::Anonymous => "anonymous users are not allowed",
+            TokenError::Invalid(e) => match e.kind() {
+                ErrorKind::ExpiredSignature => "token expired",
+                ErrorKind::ImmatureSignature => "token not yet valid",
+                ErrorKind::InvalidSignature => "token signature invalid",
+                ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                    "token malformed"
+                }
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidAlgorithmName
+                | ErrorKind::MissingAlgorithm => "token algorithm not accepted",
+                _ => "token claims invalid",
+            },
+        }
+    }
+}
+
 /// The claims the router reads. A derived struct refuses duplicate fields.
 #[derive(Debug, Deserialize)]
 struct Claims {

@@ -65,7 +65,7 @@ impl Authenticator {
 
         let id = self.verifier.verify(&token).await.map_err(|e| {
             tracing::debug!(reason = %e, "token refused");
-            ApiError::unauthorized(e.to_string())
+            ApiError::unauthorized(e.reason()).with_detail(e.to_string())
         })?;
         Ok(User { id })
     }

@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 pub use activity::ActivityGuard;
 use activity::ActivityTable;
+pub(crate) use wake::FLY_FAILED;
 use wake::{SharedWake, WakeError};
 
 use crate::config::{DaemonConfig, WakeConfig};

@@ -164,5 +164,5 @@ fn volume_name(user_id: Uuid) -> String {
 fn fly_failed(e: FlyError) -> ApiError {
     let status =
         if e.is_rate_limited() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_GATEWAY };
-    ApiError::upstream(status, "fly_api_failed", error_chain(&e))
+    ApiError::upstream(status, "fly_api_failed", super::FLY_FAILED).with_detail(error_chain(&e))
 }

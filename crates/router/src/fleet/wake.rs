@@ -22,14 +22,23 @@ pub struct WakeError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Logged, never sent: the Fly client's error may name hosts and library internals.
+    detail: Option<String>,
 }
+
+/// What a client reads when a Fly Machines API call failed (the detail is logged).
+pub(crate) const FLY_FAILED: &str = "the machine service failed";
 
 /// The code of a wake that found the machine destroyed.
 const MACHINE_GONE: &str = "machine_gone";
 
 impl From<WakeError> for ApiError {
     fn from(e: WakeError) -> Self {
-        ApiError::upstream(e.status, e.code, e.message)
+        let err = ApiError::upstream(e.status, e.code, e.message);
+        match e.detail {
+            Some(detail) => err.with_detail(detail),
+            None => err,
+        }
     }
 }
 
@@ -43,16 +52,27 @@ impl WakeError {
         Self {
             status: StatusCode::BAD_GATEWAY,
             code: "fly_api_failed",
-            message: super::error_chain(e),
+            message: FLY_FAILED.to_owned(),
+            detail: Some(super::error_chain(e)),
         }
     }
 
     fn timeout(what: String) -> Self {
-        Self { status: StatusCode::GATEWAY_TIMEOUT, code: "wake_timeout", message: what }
+        Self {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            code: "wake_timeout",
+            message: what,
+            detail: None,
+        }
     }
 
     fn machine(message: String) -> Self {
-        Self { status: StatusCode::SERVICE_UNAVAILABLE, code: "machine_unavailable", message }
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "machine_unavailable",
+            message,
+            detail: None,
+        }
     }
 }
 
@@ -211,6 +231,7 @@ fn gone_or_fly(machine_id: &str, e: &FlyError) -> WakeError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         code: MACHINE_GONE,
         message: format!("machine {machine_id} no longer exists; deprovision the user"),
+        detail: None,
     }
 }
 
@@ -237,6 +258,7 @@ fn check_usable(machine: &Machine) -> Result<(), WakeError> {
                 "machine {} was destroyed; deprovision the user to get a new one",
                 machine.id
             ),
+            detail: None,
         }),
         _ => Ok(()),
     }

@@ -5,6 +5,7 @@
 //! the daemon answered `101`.
 
 pub mod headers;
+pub mod internal;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -198,25 +199,31 @@ pub fn check_body_size<B>(req: &Request<B>, max: u64) -> Result<(), ApiError> {
 
 fn upstream_uri(addr: SocketAddr, inbound: &Uri) -> Result<Uri, ApiError> {
     let path = inbound.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    format!("http://{addr}{path}")
-        .parse()
-        .map_err(|e| ApiError::client(StatusCode::BAD_REQUEST, "bad_path", format!("{e}")))
+    format!("http://{addr}{path}").parse().map_err(|e: http::uri::InvalidUri| {
+        ApiError::client(StatusCode::BAD_REQUEST, "bad_path", "the request path is malformed")
+            .with_detail(e.to_string())
+    })
 }
+
+// The machine's private address and the HTTP client's error stay in the log (with the
+// request's machine id from its span); the client reads a short sentence.
 
 fn upstream_timeout(addr: SocketAddr) -> ApiError {
     ApiError::upstream(
         StatusCode::GATEWAY_TIMEOUT,
         "upstream_timeout",
-        format!("the daemon at {addr} did not answer in time"),
+        "the user's machine did not answer in time",
     )
+    .with_detail(format!("the daemon at {addr} did not answer in time"))
 }
 
 fn upstream_failed(addr: SocketAddr, error: &dyn std::fmt::Display) -> ApiError {
     ApiError::upstream(
         StatusCode::BAD_GATEWAY,
         "upstream_failed",
-        format!("the daemon at {addr} failed: {error}"),
+        "the user's machine did not answer",
     )
+    .with_detail(format!("the daemon at {addr} failed: {error}"))
 }
 
 /// A response body that keeps the machine counted as active until it ends or is dropped.

@@ -7,6 +7,7 @@ mod bodies;
 mod deploys;
 mod fleet;
 mod keys;
+mod routes;
 mod streams;
 mod support;
 mod tokens;

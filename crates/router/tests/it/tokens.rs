@@ -8,6 +8,12 @@ use crate::support::{Options, TestEnv, ALLOWED_ORIGIN};
 /// Sends `/echo` with `token` and checks the status; a 401 must carry the challenge and a
 /// JSON error body.
 async fn check(env: &TestEnv, name: &str, token: &str, expected: u16) {
+    check_reason(env, name, token, expected, None).await;
+}
+
+/// As [`check`], and a refusal's `message` is exactly `reason`: a short stable sentence,
+/// never the JWT library's or serde's wording.
+async fn check_reason(env: &TestEnv, name: &str, token: &str, expected: u16, reason: Option<&str>) {
     let response = env.get("/echo", token).send().await.expect("request");
     let status = response.status().as_u16();
     let challenge = response.headers().get("www-authenticate").cloned();
@@ -21,6 +27,9 @@ async fn check(env: &TestEnv, name: &str, token: &str, expected: u16) {
         let json: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
         assert_eq!(json["error"], "invalid_token", "{name}");
         assert!(!body.contains(token), "{name}: the token is echoed back");
+        if let Some(reason) = reason {
+            assert_eq!(json["message"], reason, "{name}");
+        }
     }
 }
 
@@ -61,29 +70,55 @@ async fn token_cases() {
 
     // Refused, all for the stranger, who must never get a machine.
     let hour_ago = chrono::Utc::now().timestamp() - 3600;
-    let cases: Vec<(&str, String)> = vec![
-        ("expired", keys.hs256(&with("exp", hour_ago.into()))),
-        ("wrong aud", keys.hs256(&with("aud", "anon".into()))),
-        ("wrong iss", keys.hs256(&with("iss", "https://abcdefgh.supabase.co/auth/v1/".into()))),
-        ("alg none", keys.unsigned(&keys.claims(stranger))),
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("expired", keys.hs256(&with("exp", hour_ago.into())), "token expired"),
+        ("wrong aud", keys.hs256(&with("aud", "anon".into())), "token claims invalid"),
+        (
+            "wrong iss",
+            keys.hs256(&with("iss", "https://abcdefgh.supabase.co/auth/v1/".into())),
+            "token claims invalid",
+        ),
+        ("alg none", keys.unsigned(&keys.claims(stranger)), "token malformed"),
         (
             "HS256 signed with the RSA public key",
             keys.hs256_with_rsa_public_key(&keys.claims(stranger)),
+            "token signature invalid",
         ),
-        ("unknown kid", keys.es256(&keys.claims(stranger), "no-such-kid")),
-        ("role anon", keys.hs256(&with("role", "anon".into()))),
-        ("anonymous user", keys.hs256(&with("is_anonymous", true.into()))),
-        ("sub not a UUID", keys.hs256(&with("sub", "admin".into()))),
-        ("missing exp", {
-            let mut claims = keys.claims(stranger);
-            claims.as_object_mut().expect("object").remove("exp");
-            keys.hs256(&claims)
-        }),
-        ("oversized", keys.hs256(&with("pad", "x".repeat(9 * 1024).into()))),
-        ("garbage", "not.a.jwt".to_owned()),
+        (
+            "unknown kid",
+            keys.es256(&keys.claims(stranger), "no-such-kid"),
+            "token signing key unknown",
+        ),
+        ("role anon", keys.hs256(&with("role", "anon".into())), "token claims invalid"),
+        (
+            "anonymous user",
+            keys.hs256(&with("is_anonymous", true.into())),
+            "anonymous users are not allowed",
+        ),
+        ("sub not a UUID", keys.hs256(&with("sub", "admin".into())), "token claims invalid"),
+        (
+            "missing exp",
+            {
+                let mut claims = keys.claims(stranger);
+                claims.as_object_mut().expect("object").remove("exp");
+                keys.hs256(&claims)
+            },
+            "token claims invalid",
+        ),
+        (
+            "missing sub",
+            {
+                let mut claims = keys.claims(stranger);
+                claims.as_object_mut().expect("object").remove("sub");
+                keys.hs256(&claims)
+            },
+            "token claims invalid",
+        ),
+        ("oversized", keys.hs256(&with("pad", "x".repeat(9 * 1024).into())), "token too large"),
+        ("garbage", "not.a.jwt".to_owned(), "token malformed"),
     ];
-    for (name, token) in &cases {
-        check(&env, name, token, 401).await;
+    for (name, token, reason) in &cases {
+        check_reason(&env, name, token, 401, Some(reason)).await;
     }
 
     // No token at all, and a token in the query string, are both refused.
