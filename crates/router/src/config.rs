@@ -49,6 +49,10 @@ pub const ROUTER_SHUTDOWN_GRACE_SECS: &str = "ROUTER_SHUTDOWN_GRACE_SECS";
 /// Daemon token secrets shorter than this are refused: the HMAC key must not be guessable.
 const MIN_SECRET_LEN: usize = 32;
 
+/// The wake and admin bearer tokens shorter than this are refused: they guard operator routes
+/// on the public listener.
+const MIN_BEARER_LEN: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{name} is not set")]
@@ -196,6 +200,14 @@ impl Config {
 
         let supabase_url = env.required(SUPABASE_URL)?.trim_end_matches('/').to_owned();
         check_url(SUPABASE_URL, &supabase_url)?;
+        // Set but blank is a mistake, not "use the default": the issuer is compared byte for
+        // byte.
+        if (env.lookup)(SUPABASE_JWT_ISSUER).is_some_and(|v| v.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                name: SUPABASE_JWT_ISSUER,
+                reason: "is blank; unset it to use $SUPABASE_URL/auth/v1".into(),
+            });
+        }
         let issuer =
             env.get(SUPABASE_JWT_ISSUER).unwrap_or_else(|| format!("{supabase_url}/auth/v1"));
         let jwks_url = env
@@ -248,17 +260,17 @@ impl Config {
                 .into(),
             port: env.parse_or(ROUTER_DAEMON_PORT, 8080, parse_from_str)?,
             token_secret,
-            volume_size_gb: env.parse_or(ROUTER_VOLUME_SIZE_GB, 1, parse_from_str)?,
+            volume_size_gb: env.parse_or(ROUTER_VOLUME_SIZE_GB, 1, parse_positive)?,
         };
 
         let wake = WakeConfig {
             idle_suspend: env.parse_or(ROUTER_IDLE_SUSPEND_SECS, secs(900), parse_secs)?,
             wake_timeout: env.parse_or(ROUTER_WAKE_TIMEOUT_SECS, secs(120), parse_secs)?,
             ready_timeout: env.parse_or(ROUTER_READY_TIMEOUT_SECS, secs(30), parse_secs)?,
-            max_pending_wakes: env.parse_or(ROUTER_MAX_PENDING_WAKES, 1000, parse_from_str)?,
+            max_pending_wakes: env.parse_or(ROUTER_MAX_PENDING_WAKES, 1000, parse_positive)?,
         };
         let limits = Limits {
-            max_body_bytes: env.parse_or(ROUTER_MAX_BODY_BYTES, 10 << 20, parse_from_str)?,
+            max_body_bytes: env.parse_or(ROUTER_MAX_BODY_BYTES, 10 << 20, parse_positive)?,
             header_read_timeout: env.parse_or(
                 ROUTER_HEADER_READ_TIMEOUT_SECS,
                 secs(30),
@@ -280,7 +292,7 @@ impl Config {
                 secs(120),
                 parse_secs,
             )?,
-            h2_max_streams: env.parse_or(ROUTER_H2_MAX_STREAMS, 100, parse_from_str)?,
+            h2_max_streams: env.parse_or(ROUTER_H2_MAX_STREAMS, 100, parse_positive)?,
         };
 
         Ok(Config {
@@ -292,12 +304,12 @@ impl Config {
             tls,
             dev_mode,
             auth,
-            database_url: env.required(DATABASE_URL)?,
+            database_url: env.parse(DATABASE_URL, parse_database_url)?,
             fly,
             daemon,
             wake,
-            wake_token: env.get(ROUTER_WAKE_TOKEN),
-            admin_token: env.get(ROUTER_ADMIN_TOKEN),
+            wake_token: env.bearer_token(ROUTER_WAKE_TOKEN)?,
+            admin_token: env.bearer_token(ROUTER_ADMIN_TOKEN)?,
             limits,
             shutdown_grace: env.parse_or(ROUTER_SHUTDOWN_GRACE_SECS, secs(30), parse_secs)?,
         })
@@ -315,6 +327,26 @@ impl Env<'_> {
 
     fn required(&self, name: &'static str) -> Result<String, ConfigError> {
         self.get(name).ok_or(ConfigError::Missing { name })
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let raw = self.required(name)?;
+        parse(raw.trim()).map_err(|reason| ConfigError::Invalid { name, reason })
+    }
+
+    /// An optional bearer token; when set, long enough not to be guessed.
+    fn bearer_token(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            Some(token) if token.len() < MIN_BEARER_LEN => Err(ConfigError::Invalid {
+                name,
+                reason: format!("must be at least {MIN_BEARER_LEN} bytes"),
+            }),
+            token => Ok(token),
+        }
     }
 
     fn parse_or<T>(
@@ -339,6 +371,26 @@ where
     T::Err: std::fmt::Display,
 {
     raw.parse().map_err(|e: T::Err| format!("{e} (got {raw:?})"))
+}
+
+/// A count or size where 0 would refuse everything (or nothing would fit).
+fn parse_positive<T: FromStr + Default + PartialEq>(raw: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let n: T = parse_from_str(raw)?;
+    if n == T::default() {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+/// Parsed as the PostgreSQL client will, so a bad URL stops the router at start. The
+/// reason never repeats the URL, which may hold a password.
+fn parse_database_url(raw: &str) -> Result<String, String> {
+    raw.parse::<tokio_postgres::Config>()
+        .map_err(|_| "expected a URL like postgres://user@host:5432/matrix".to_owned())?;
+    Ok(raw.to_owned())
 }
 
 fn parse_secs(raw: &str) -> Result<Duration, String> {
@@ -415,6 +467,49 @@ mod tests {
         assert_eq!(config.tls, TlsSource::SelfSigned);
         assert_eq!(config.daemon.port, 8080);
         assert!(!config.auth.allow_anonymous);
+    }
+
+    /// Values out of range are refused at start, naming the variable.
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let cases: &[(&str, &str, &str)] = &[
+            (ROUTER_MAX_BODY_BYTES, "0", "ROUTER_MAX_BODY_BYTES is malformed: must be at least 1"),
+            (ROUTER_H2_MAX_STREAMS, "0", "ROUTER_H2_MAX_STREAMS is malformed: must be at least 1"),
+            (
+                ROUTER_MAX_PENDING_WAKES,
+                "0",
+                "ROUTER_MAX_PENDING_WAKES is malformed: must be at least 1",
+            ),
+            (ROUTER_VOLUME_SIZE_GB, "0", "ROUTER_VOLUME_SIZE_GB is malformed: must be at least 1"),
+            (
+                ROUTER_ADMIN_TOKEN,
+                "short-token",
+                "ROUTER_ADMIN_TOKEN is malformed: must be at least 16 bytes",
+            ),
+            (
+                ROUTER_WAKE_TOKEN,
+                "short-token",
+                "ROUTER_WAKE_TOKEN is malformed: must be at least 16 bytes",
+            ),
+            (
+                SUPABASE_JWT_ISSUER,
+                "  ",
+                "SUPABASE_JWT_ISSUER is malformed: is blank; unset it to use $SUPABASE_URL/auth/v1",
+            ),
+            (
+                DATABASE_URL,
+                "notaurl",
+                "DATABASE_URL is malformed: expected a URL like postgres://user@host:5432/matrix",
+            ),
+        ];
+        for (name, value, expected) in cases {
+            check_err(name, Some(value), expected);
+        }
+        let mut map = base();
+        map.insert(ROUTER_ADMIN_TOKEN.into(), "sixteen-bytes-ok".into());
+        map.insert(ROUTER_MAX_BODY_BYTES.into(), "1".into());
+        let config = Config::from_map(&map).expect("the smallest allowed values");
+        assert_eq!(config.admin_token.as_deref(), Some("sixteen-bytes-ok"));
     }
 
     #[test]

@@ -37,12 +37,24 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("preparing the database")]
     Store(#[from] store::StoreError),
-    #[error("loading the machine template")]
+    #[error("{}: loading the machine template", config::ROUTER_DAEMON_TEMPLATE)]
     Template(#[from] template::TemplateError),
     #[error("configuring the Fly Machines API client")]
     Fly(#[from] machines::FlyError),
     #[error("binding {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+impl StartError {
+    /// The configuration variable at fault, when a configured file is unusable: `main` exits
+    /// 64 for these, as for a malformed variable.
+    pub fn variable(&self) -> Option<&'static str> {
+        match self {
+            StartError::Tls(e) => e.variable(),
+            StartError::Template(_) => Some(config::ROUTER_DAEMON_TEMPLATE),
+            _ => None,
+        }
+    }
 }
 
 /// A running router; dropping it closes the listener and every connection at once, and stops
@@ -85,9 +97,12 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let tls = tls::load(&config.tls)?;
+    // The template before the database: a configuration error is reported before any
+    // connection is made.
+    let template = template::MachineTemplate::load(&config.daemon.template)?;
+    template.check()?;
     let store = store::Store::new(&config.database_url)?;
     store.migrate().await?;
-    let template = template::MachineTemplate::load(&config.daemon.template)?;
     let fly =
         machines::FlyClient::new(&config.fly.api_url, &config.fly.api_token, &config.fly.app_name)?;
 

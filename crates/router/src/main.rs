@@ -36,8 +36,9 @@ async fn main() -> ExitCode {
     let router = match matrix_router::start(config).await {
         Ok(router) => router,
         Err(e) => {
+            let config_error = e.variable().is_some();
             eprintln!("matrix-router: {:#}", anyhow::Error::from(e));
-            return ExitCode::FAILURE;
+            return if config_error { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE };
         }
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), listen.addr = %router.addr, "matrix-router started");

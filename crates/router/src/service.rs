@@ -101,11 +101,14 @@ async fn proxy_to_daemon(
     let result = state.upstream.forward(req, target.addr, forwarding, guard).await;
     let mut response = match result {
         Ok(response) => response,
-        Err(e) => {
+        Err(mut e) => {
             // The daemon may have been suspended or moved behind the router's back.
             if e.status == StatusCode::BAD_GATEWAY || e.status == StatusCode::GATEWAY_TIMEOUT {
                 state.fleet.forget_ready(&target.machine_id);
             }
+            // The log names the machine; the client's message stays as it is.
+            let detail = e.detail.take().unwrap_or_else(|| e.message.clone());
+            e.detail = Some(format!("machine {}: {detail}", target.machine_id));
             return Err(e);
         }
     };

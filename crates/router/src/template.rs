@@ -45,6 +45,21 @@ impl MachineTemplate {
         Self { text: text.into() }
     }
 
+    /// Renders the template for a made-up user, so a template that cannot make a machine
+    /// stops the router at start instead of failing every user's first request.
+    pub fn check(&self) -> Result<(), TemplateError> {
+        let values = BTreeMap::from([
+            ("image", Value::Text("registry.example/daemon:check".into())),
+            ("region", Value::Text("ams".into())),
+            ("machine_name", Value::Text("matrix-check".into())),
+            ("user_id", Value::Text(uuid::Uuid::nil().to_string())),
+            ("volume_id", Value::Text("vol_check".into())),
+            ("daemon_token", Value::Text("check".into())),
+            ("daemon_port", Value::Number(8080)),
+        ]);
+        self.render(&values).map(drop)
+    }
+
     /// The rendered TOML text (what a snapshot test compares).
     pub fn render_text(&self, values: &BTreeMap<&str, Value>) -> Result<String, TemplateError> {
         let mut out = String::with_capacity(self.text.len());
@@ -139,6 +154,16 @@ mod tests {
             err.expect_err("unclosed").to_string(),
             "line 1: a placeholder is opened with {{ and never closed"
         );
+    }
+
+    #[test]
+    fn check_refuses_a_template_that_cannot_make_a_machine() {
+        assert!(MachineTemplate::from_text("x = \"{{ nope }}\"").check().is_err());
+        assert!(MachineTemplate::from_text("not toml [").check().is_err());
+        assert!(MachineTemplate::from_text("region = \"{{region}}\"").check().is_err());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let shipped = MachineTemplate::load(&root.join("deploy/daemon/fly.toml.tmpl"));
+        shipped.expect("template").check().expect("the shipped template renders");
     }
 
     #[test]

@@ -8,20 +8,33 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::ServerConfig;
 use sha2::{Digest, Sha256};
 
-use crate::config::TlsSource;
+use crate::config::{TlsSource, ROUTER_TLS_CERT, ROUTER_TLS_KEY};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{} holds no PEM certificate", path.display())]
+    #[error("{name}: reading {}", path.display())]
+    Read { name: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{ROUTER_TLS_CERT}: {} holds no PEM certificate", path.display())]
     NoCertificate { path: PathBuf },
-    #[error("{} holds no PEM private key", path.display())]
+    #[error("{ROUTER_TLS_KEY}: {} holds no PEM private key", path.display())]
     NoKey { path: PathBuf },
     #[error("generating a self-signed certificate")]
     SelfSigned(#[source] rcgen::Error),
-    #[error("the certificate and key do not make a TLS configuration")]
+    #[error("{ROUTER_TLS_CERT} and {ROUTER_TLS_KEY} do not make a TLS configuration (is the key the certificate's?)")]
     Config(#[source] rustls::Error),
+}
+
+impl TlsError {
+    /// The variable to blame when the error comes from configured files (exit 64), `None`
+    /// when generating a self-signed certificate failed.
+    pub fn variable(&self) -> Option<&'static str> {
+        match self {
+            TlsError::Read { name, .. } => Some(name),
+            TlsError::NoCertificate { .. } => Some(ROUTER_TLS_CERT),
+            TlsError::NoKey { .. } | TlsError::Config(_) => Some(ROUTER_TLS_KEY),
+            TlsError::SelfSigned(_) => None,
+        }
+    }
 }
 
 /// A server configuration with ALPN `h2` and `http/1.1`, and the leaf's SHA-256 fingerprint.
@@ -55,11 +68,12 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    let read_error =
+        |source| TlsError::Read { name: ROUTER_TLS_CERT, path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(read_error)?;
     let chain = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+        .map_err(read_error)?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
@@ -67,10 +81,11 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+    let read_error =
+        |source| TlsError::Read { name: ROUTER_TLS_KEY, path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(read_error)?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?
+        .map_err(read_error)?
         .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
 }
 

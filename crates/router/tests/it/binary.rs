@@ -46,6 +46,58 @@ fn bad_configuration_exits_64_naming_the_variable() {
     assert!(!stderr.contains(secret), "the secret is printed: {stderr}");
 }
 
+/// Configured files that cannot be used (TLS certificate and key, machine template) stop the
+/// router with 64 and the variable's name, before it binds or connects anywhere.
+#[test]
+fn unusable_configured_files_exit_64_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let make =
+        || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (first, second) = (make(), make());
+    let cert = write("cert.pem", &first.cert.pem());
+    let key = write("key.pem", &first.key_pair.serialize_pem());
+    let other_key = write("other-key.pem", &second.key_pair.serialize_pem());
+    let garbage = write("garbage.pem", "not a PEM file\n");
+    let bad_template = write("bad.tmpl", "image = \"{{ no_such_placeholder }}\"\n");
+    let missing = dir.path().join("missing").display().to_string();
+
+    let base = [
+        ("ROUTER_LISTEN_ADDR", "127.0.0.1:0"),
+        ("SUPABASE_URL", "https://abcd.supabase.co"),
+        ("DATABASE_URL", "postgres://127.0.0.1:1/matrix"),
+        ("FLY_API_URL", "http://127.0.0.1:1"),
+        ("FLY_API_TOKEN", "token"),
+        ("FLY_APP_NAME", "app"),
+        ("FLY_REGION", "ams"),
+        ("ROUTER_DAEMON_IMAGE", "image"),
+        ("ROUTER_DAEMON_TOKEN_SECRET", "daemon-token-secret-for-tests-0123456789"),
+    ];
+    let cases: &[(&str, &str, &str, &str)] = &[
+        // (cert, key, template, variable named)
+        (&missing, &key, "", "ROUTER_TLS_CERT"),
+        (&garbage, &key, "", "ROUTER_TLS_CERT"),
+        (&cert, &garbage, "", "ROUTER_TLS_KEY"),
+        (&cert, &other_key, "", "ROUTER_TLS_KEY"),
+        (&cert, &key, &missing, "ROUTER_DAEMON_TEMPLATE"),
+        (&cert, &key, &bad_template, "ROUTER_DAEMON_TEMPLATE"),
+    ];
+    for (cert, key, template, variable) in cases {
+        let mut vars = base.to_vec();
+        vars.extend([("ROUTER_TLS_CERT", *cert), ("ROUTER_TLS_KEY", *key)]);
+        if !template.is_empty() {
+            vars.push(("ROUTER_DAEMON_TEMPLATE", template));
+        }
+        let (code, stderr) = run(&vars);
+        assert_eq!(code, Some(64), "{variable}: {stderr}");
+        assert!(stderr.contains(variable), "{variable}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn piped_logs_carry_no_colour_codes() {
     let Some(env) = TestEnv::start(Options::default()).await else { return };
