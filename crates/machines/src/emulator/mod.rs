@@ -24,7 +24,12 @@
 //!   `{mount:/data}` in the command and environment.
 //! - **Persistence:** apps, machines and volumes are saved in `state.json` in the state
 //!   directory after every change; after a restart the machines are back, `stopped`.
-//! - **Auth:** `Authorization: Bearer <token>` or `FlyV1 <token>`; anything else is 401.
+//! - **Auth:** `Authorization: Bearer <token>` or `FlyV1 <token>` (the scheme in any
+//!   case); anything else is 401.
+//! - **Apps** come into being on first use. A path naming an app Fly could not have (not
+//!   lower-case letters, digits and dashes, or over 63 characters) is 404 and never stored.
+//! - **Input checks:** bodies must be JSON objects (Go's `cannot unmarshal array` 400), over
+//!   1 MiB is 413, and lease TTLs or Go durations beyond what Go's types hold are 400.
 //!
 //! Not emulated: `restart` policies (a process that exits after boot leaves the
 //! machine `stopped`), `auto_destroy`, exec, cordons, IP assignments, app deletion,
