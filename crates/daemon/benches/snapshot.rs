@@ -69,6 +69,7 @@ async fn run(server: &S3Server, megabytes: usize, rounds: usize) {
 
     println!("server: {:?}, workspace: {} MiB, rounds: {rounds}", server.kind(), size >> 20);
     let (mut push, mut restore_times, mut put, mut get) = (vec![], vec![], vec![], vec![]);
+    let (mut download, mut unpack) = (vec![], vec![]);
     for round in 0..rounds {
         // A change, so every push uploads.
         std::fs::write(source.join("workspace/round.txt"), round.to_string()).unwrap();
@@ -82,6 +83,27 @@ async fn run(server: &S3Server, megabytes: usize, rounds: usize) {
         restore::restore(&DataDir::new(&target), &store, &latest).await.unwrap();
         restore_times.push(started.elapsed());
         std::fs::remove_dir_all(&target).unwrap();
+
+        // Restore's parts alone: the download with its sha256 check, then unpacking the
+        // archive from a local file (decompress, tree digest, write, sync).
+        let archive = scratch.path().join("archive.tar.zst");
+        let started = Instant::now();
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let collect = tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            while let Some(chunk) = receiver.recv().await {
+                bytes.extend_from_slice(&chunk);
+            }
+            bytes
+        });
+        store.download(&latest, sender).await.unwrap();
+        download.push(started.elapsed());
+        std::fs::write(&archive, collect.await.unwrap()).unwrap();
+        let unpacked = scratch.path().join("unpacked");
+        let started = Instant::now();
+        tokio::task::block_in_place(|| matrixd::archive::unpack(&archive, &unpacked)).unwrap();
+        unpack.push(started.elapsed());
+        std::fs::remove_dir_all(&unpacked).unwrap();
 
         let started = Instant::now();
         let mut file = tokio::fs::File::open(&raw_file).await.unwrap();
@@ -104,6 +126,8 @@ async fn run(server: &S3Server, megabytes: usize, rounds: usize) {
         ("raw PUT (same bytes)", &put),
         ("snapshot restore", &restore_times),
         ("raw GET (same bytes)", &get),
+        ("  restore: download alone", &download),
+        ("  restore: unpack alone", &unpack),
     ] {
         println!("{name:<28}{:>10.2} s{:>14.1}", median(times).as_secs_f64(), rate(times));
     }
