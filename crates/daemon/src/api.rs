@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -24,6 +24,11 @@ use crate::model::{ModelClient, ModelError};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How much of a refused body is read and dropped before the 413 goes out (see
+/// `discard_rest`): more than the router forwards by default.
+const DISCARD_LIMIT_BYTES: usize = 32 << 20;
+/// How long a refused body may take to be read and dropped.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The header the router sets to the user it routed for.
 pub const USER_ID_HEADER: &str = "x-matrix-user-id";
 
@@ -386,22 +391,47 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let mut body = request.into_body();
     if declared.is_some_and(|length| length > MAX_BODY_BYTES) {
+        discard_rest(body).await;
         return Err(too_large());
     }
-    let bytes = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(_) => {
+
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 "could not read the body",
-            ))
+            ));
+        };
+        let Some(data) = frame.data_ref() else { continue };
+        if bytes.len() + data.len() > MAX_BODY_BYTES {
+            discard_rest(body).await;
+            return Err(too_large());
         }
-    };
+        bytes.extend_from_slice(data);
+    }
     serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()))
+}
+
+/// Reads and drops what is left of a refused body, within bounds, before the refusal is
+/// sent. A peer still writing when the connection closes with unread data gets a reset that
+/// can destroy the 413 in flight; the router, which streams bodies, would then report its
+/// own 502 instead of the daemon's answer.
+async fn discard_rest(mut body: Incoming) {
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > DISCARD_LIMIT_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, drain).await;
 }
 
 fn model_error(e: &ModelError) -> Response<Body> {

@@ -193,6 +193,38 @@ async fn bad_bodies_get_json_errors() {
 }
 
 #[tokio::test]
+async fn a_large_body_gets_its_413_even_while_the_client_is_still_sending() {
+    // A refused body is read to its end before the answer, so a sender that is still
+    // writing (as the router is, streaming) gets the 413 instead of a reset connection.
+    let daemon = start(true);
+    let big = vec![b'a'; 8 << 20];
+    for attempt in 0..5 {
+        let declared = http()
+            .post(daemon.url("/chat"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("declared length, attempt {attempt}: {e}"));
+        assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..128).map(|_| Ok(vec![b'a'; 64 << 10])).collect();
+        let streamed = http()
+            .post(daemon.url("/chat"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("chunked, attempt {attempt}: {e}"));
+        assert_eq!(streamed.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(streamed.json::<Value>().await.unwrap()["error"], "body_too_large");
+    }
+}
+
+#[tokio::test]
 async fn without_a_provider_chat_and_messages_answer_503_naming_the_keys() {
     let daemon = start(false);
     for path in ["/chat", "/messages"] {
