@@ -2,7 +2,8 @@
 //!
 //! Migrations are embedded and applied at start under a session advisory lock, so replicas
 //! that start together apply each one once. Provisioning serialises per user with
-//! [`Store::lock_user`], an advisory lock held on a dedicated connection.
+//! [`Store::lock_user`], an advisory lock held on a dedicated connection. Machine activity is
+//! shared between replicas through [`Store::record_activity`] and [`Store::claim_idle`].
 
 use std::time::Duration;
 
@@ -11,7 +12,10 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// Embedded migrations, applied in order; the number is the schema version.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_user_machines.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_user_machines.sql")),
+    (2, include_str!("../migrations/0002_machine_activity.sql")),
+];
 
 /// Advisory lock key for migrations ("matrix-router migrations").
 const MIGRATION_LOCK: i64 = 0x6d61_7472_6978_0001;
@@ -253,6 +257,80 @@ async fn insert_user(
     .await
     .map(drop)
     .map_err(|source| StoreError::Query { operation: "recording a user's machine", source })
+}
+
+/// What [`Store::claim_idle`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleClaim {
+    /// Idle fleet-wide: this replica suspends it, and no other will until it is active again.
+    Claimed,
+    /// Another replica saw traffic on it within the idle time.
+    Busy,
+    /// Another replica already suspended it after its last activity.
+    AlreadySuspended,
+}
+
+impl Store {
+    /// Records when machines last saw traffic at this replica: `(machine id, seconds ago)`.
+    /// A time never moves back, so a slow replica cannot hide another's newer activity.
+    pub async fn record_activity(&self, seen: &[(String, f64)]) -> Result<(), StoreError> {
+        let mut seen = seen.to_vec();
+        // One order for every replica, so concurrent upserts cannot deadlock on row locks.
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let (ids, ages): (Vec<String>, Vec<f64>) = seen.into_iter().unzip();
+        let conn = self.conn().await?;
+        conn.execute(
+            "INSERT INTO machine_activity AS a (machine_id, last_active)
+             SELECT id, now() - make_interval(secs => age)
+             FROM unnest($1::text[], $2::float8[]) AS t(id, age)
+             ON CONFLICT (machine_id) DO UPDATE
+             SET last_active = GREATEST(a.last_active, EXCLUDED.last_active)",
+            &[&ids, &ages],
+        )
+        .await
+        .map(drop)
+        .map_err(|source| StoreError::Query { operation: "recording machine activity", source })
+    }
+
+    /// Claims the suspend of a machine when no replica recorded traffic on it within `idle`
+    /// and nobody suspended it since. The claim is one conditional upsert, so of replicas
+    /// that ask at once, at most one gets it.
+    pub async fn claim_idle(
+        &self,
+        machine_id: &str,
+        idle: Duration,
+    ) -> Result<IdleClaim, StoreError> {
+        let query = |operation| move |source| StoreError::Query { operation, source };
+        let conn = self.conn().await?;
+        let idle_secs = idle.as_secs_f64();
+        let claimed = conn
+            .query_opt(
+                "INSERT INTO machine_activity AS a (machine_id, last_active, suspended_at)
+                 VALUES ($1, now() - make_interval(secs => $2), now())
+                 ON CONFLICT (machine_id) DO UPDATE SET suspended_at = now()
+                 WHERE a.last_active <= now() - make_interval(secs => $2)
+                   AND (a.suspended_at IS NULL OR a.suspended_at < a.last_active)
+                 RETURNING machine_id",
+                &[&machine_id, &idle_secs],
+            )
+            .await
+            .map_err(query("claiming an idle machine"))?;
+        if claimed.is_some() {
+            return Ok(IdleClaim::Claimed);
+        }
+        let row = conn
+            .query_opt(
+                "SELECT suspended_at IS NOT NULL AND suspended_at >= last_active
+                 FROM machine_activity WHERE machine_id = $1",
+                &[&machine_id],
+            )
+            .await
+            .map_err(query("reading machine activity"))?;
+        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+            Some(true) => IdleClaim::AlreadySuspended,
+            _ => IdleClaim::Busy,
+        })
+    }
 }
 
 /// SQLSTATE 42P01: the rollout tables were never created on this database.

@@ -2,7 +2,8 @@
 //!
 //! A request or an open stream holds an [`ActivityGuard`]; a machine with no guard for longer
 //! than the idle time is handed to the suspender, and forgotten as ready so that the next
-//! request wakes it again.
+//! request wakes it again. The table is memory only, so requests never wait on the database:
+//! the suspender copies it to the shared table at each tick ([`ActivityTable::take_unflushed`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ struct Entry {
     last_seen: Instant,
     /// The daemon's address while the router believes the machine is running.
     ready: Option<SocketAddr>,
+    /// The `last_seen` last written to the shared table.
+    flushed: Option<Instant>,
 }
 
 pub struct ActivityTable {
@@ -40,6 +43,7 @@ impl ActivityTable {
             active: 0,
             last_seen: Instant::now(),
             ready: None,
+            flushed: None,
         });
         f(entry)
     }
@@ -69,17 +73,55 @@ impl ActivityTable {
         self.with_entry(machine_id, |e| e.ready = None);
     }
 
-    /// Ready machines with nothing open and no traffic for `idle`; they are marked not ready.
-    pub fn take_idle(&self, idle: Duration) -> Vec<String> {
+    /// Ready machines with nothing open and no traffic for `idle`, with their addresses;
+    /// they are marked not ready.
+    pub fn take_idle(&self, idle: Duration) -> Vec<(String, SocketAddr)> {
         let mut entries = self.entries.lock().expect("activity lock");
         let mut idle_ids = Vec::new();
         for (id, entry) in entries.iter_mut() {
-            if entry.ready.is_some() && entry.active == 0 && entry.last_seen.elapsed() >= idle {
-                entry.ready = None;
-                idle_ids.push(id.clone());
+            if entry.active > 0 || entry.last_seen.elapsed() < idle {
+                continue;
+            }
+            if let Some(addr) = entry.ready.take() {
+                idle_ids.push((id.clone(), addr));
             }
         }
         idle_ids
+    }
+
+    /// Marks a machine taken by [`Self::take_idle`] ready again (it was not suspended), unless
+    /// a wake already did.
+    pub fn restore_ready(&self, machine_id: &str, addr: SocketAddr) {
+        self.with_entry(machine_id, |e| {
+            e.ready.get_or_insert(addr);
+        });
+    }
+
+    /// Activity not yet written to the shared table, as `(machine id, last seen)`: machines
+    /// with a request or stream open (seen now) and machines seen since the last write.
+    pub fn take_unflushed(&self) -> Vec<(String, Instant)> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().expect("activity lock");
+        let mut unflushed = Vec::new();
+        for (id, entry) in entries.iter_mut() {
+            if entry.active > 0 {
+                unflushed.push((id.clone(), now));
+            } else if entry.flushed != Some(entry.last_seen) {
+                unflushed.push((id.clone(), entry.last_seen));
+            }
+            entry.flushed = Some(entry.last_seen);
+        }
+        unflushed
+    }
+
+    /// Forgets that activity was written (the write failed), so the next tick writes it again.
+    pub fn unflush(&self, machine_ids: impl IntoIterator<Item = String>) {
+        let mut entries = self.entries.lock().expect("activity lock");
+        for id in machine_ids {
+            if let Some(entry) = entries.get_mut(&id) {
+                entry.flushed = None;
+            }
+        }
     }
 }
 

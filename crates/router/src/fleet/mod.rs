@@ -8,11 +8,15 @@
 //!   wakes is bounded.
 //! - Traffic over the private network bypasses Fly's proxy and its autostop, so this module
 //!   suspends a machine itself after `ROUTER_IDLE_SUSPEND_SECS` with no request and no open
-//!   stream.
-//!
-//! FIXME: activity is counted per replica; with several replicas, one may suspend a machine
-//! that another is still streaming to, and a replica that believes a machine is ready only
-//! notices a suspend by someone else when its request times out (504, then a fresh wake).
+//!   stream at any replica.
+//! - Each replica counts activity in memory (no database write on the request path) and, at
+//!   every suspender tick (a quarter of the idle time, between 100 ms and 5 s), writes to the
+//!   shared `machine_activity` table when each machine it served was last seen, "now" for
+//!   machines with a stream open. A machine idle at one replica is suspended only when a
+//!   conditional upsert on its row finds no activity anywhere within the idle time and no
+//!   suspend since; that upsert marks the suspend, so at most one replica acts on it. A
+//!   replica that finds the suspend already done forgets the machine as ready, and its next
+//!   request wakes it; a request that arrives during a suspend goes through the same wake.
 
 mod activity;
 mod provision;
@@ -37,7 +41,7 @@ use crate::config::{DaemonConfig, WakeConfig};
 use crate::daemon_token::DaemonTokens;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, UserMachine};
+use crate::store::{IdleClaim, Store, StoreError, UserMachine};
 use crate::template::MachineTemplate;
 
 /// Everything the fleet needs, built once at start.
@@ -180,9 +184,45 @@ impl Fleet {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            for machine_id in self.activity.take_idle(idle) {
-                self.suspend_idle(&machine_id).await;
+            self.share_activity().await;
+            for (machine_id, addr) in self.activity.take_idle(idle) {
+                match self.store.claim_idle(&machine_id, idle).await {
+                    Ok(IdleClaim::Claimed) => self.suspend_idle(&machine_id).await,
+                    Ok(IdleClaim::Busy) => self.activity.restore_ready(&machine_id, addr),
+                    Ok(IdleClaim::AlreadySuspended) => {
+                        tracing::debug!(machine.id = %machine_id, "suspended by another replica")
+                    }
+                    Err(e) => {
+                        // Not knowing whether another replica serves it, keep it running.
+                        tracing::warn!(
+                            machine.id = %machine_id,
+                            error = %error_chain(&e),
+                            "checking shared activity failed; not suspending"
+                        );
+                        self.activity.restore_ready(&machine_id, addr);
+                    }
+                }
             }
+        }
+    }
+
+    /// Writes this replica's activity since the last tick to the shared table.
+    async fn share_activity(&self) {
+        let unflushed = self.activity.take_unflushed();
+        if unflushed.is_empty() {
+            return;
+        }
+        let seen: Vec<(String, f64)> = unflushed
+            .iter()
+            .map(|(id, last_seen)| (id.clone(), last_seen.elapsed().as_secs_f64()))
+            .collect();
+        if let Err(e) = self.store.record_activity(&seen).await {
+            tracing::warn!(
+                machines = seen.len(),
+                error = %error_chain(&e),
+                "recording shared activity failed"
+            );
+            self.activity.unflush(unflushed.into_iter().map(|(id, _)| id));
         }
     }
 

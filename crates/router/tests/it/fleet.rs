@@ -125,6 +125,41 @@ async fn idle_machines_are_suspended_but_not_while_a_stream_is_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_does_not_suspend_a_machine_another_replica_streams_to() {
+    let Some(env) = TestEnv::start(Options { idle_suspend_secs: 1, ..Options::default() }).await
+    else {
+        return;
+    };
+    let user = Uuid::new_v4();
+    // Replica B (the first router) serves one request for the user, then nothing.
+    env.echo(user).await;
+    let machine = env.machine_of(user).await;
+
+    // Replica A holds a stream open to the same machine.
+    let replica_a = env.replica().await;
+    let url = format!("https://{}/events", replica_a.addr);
+    let response =
+        env.http.get(url).bearer_auth(env.token(user)).send().await.expect("SSE request");
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream();
+    events.next().await.expect("first event").expect("first event bytes");
+
+    // B finds the machine idle locally for several idle windows (one keep-alive per second),
+    // but A's stream keeps it running.
+    for _ in 0..4 {
+        events.next().await.expect("keep-alive").expect("keep-alive bytes");
+        let now = env.fly.get_machine(&machine.id).await.expect("get");
+        assert_eq!(now.state, MachineState::Started, "suspended under another replica's stream");
+    }
+    assert_eq!(env.count("suspend").await, 0);
+
+    // Once the stream closes, the machine idles out, suspended once.
+    drop(events);
+    env.wait_state(&machine.id, MachineState::Suspended).await;
+    assert_eq!(env.count("suspend").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_users_requests_never_reach_another_users_machine() {
     let Some(env) = TestEnv::start(Options::default()).await else { return };
     let a = Uuid::new_v4();
