@@ -343,7 +343,8 @@ fn print_banner(router: &str, ca: &Path, tokens: &[(String, String, String)], fl
         "  curl --cacert {ca} -N -H \"Authorization: Bearer {var}\" {router}/events &\n"
     ));
     out.push_str(&format!(
-        "  curl --cacert {ca} -H \"Authorization: Bearer {var}\" -H 'Content-Type: application/json' \\\n      -d '{{\"message\": \"hello\"}}' {router}/chat\n"
+        "  curl --cacert {ca} -H \"Authorization: Bearer {var}\" -H 'Content-Type: \
+            application/json' \\\n      -d '{{\"message\": \"hello\"}}' {router}/chat\n"
     ));
     out.push_str(
         "\nCtrl-C stops everything; the state stays for the next run (--fresh wipes it).\n",

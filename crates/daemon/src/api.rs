@@ -124,9 +124,19 @@ pub async fn handle(
     let response = route(&app, request).await;
     let status = response.status();
     if status.is_server_error() {
-        tracing::error!(http.method = %method, http.path = %path, http.status = status.as_u16(), "request failed");
+        tracing::error!(
+            http.method = %method,
+            http.path = %path,
+            http.status = status.as_u16(),
+            "request failed",
+        );
     } else {
-        tracing::debug!(http.method = %method, http.path = %path, http.status = status.as_u16(), "request");
+        tracing::debug!(
+            http.method = %method,
+            http.path = %path,
+            http.status = status.as_u16(),
+            "request",
+        );
     }
     Ok(response)
 }
@@ -322,7 +332,11 @@ async fn messages(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> 
         }
         .await;
         if let Err(e) = outcome {
-            tracing::error!(intent = %intent.id, error = %e, "could not record the intent's outcome");
+            tracing::error!(
+                intent = %intent.id,
+                error = %e,
+                "could not record the intent's outcome",
+            );
         }
         app.broker
             .publish(EventKind::Notice, json!({"intent_id": intent.id, "done": true}).to_string());

@@ -1,8 +1,9 @@
 //! Snapshot archives: `cortex/` and `workspace/` as a deterministic tar, zstd-compressed.
 //!
 //! The same tree always gives the same bytes: entries in name order, mtime 0, owner 0,
-//! modes without special bits or group/other write (so `identity.key` stays 0600). Only directories and regular files are archived, and
-//! unpacking accepts nothing else, so an archive cannot place anything outside its root.
+//! modes without special bits or group/other write (so `identity.key` stays 0600). Only
+//! directories and regular files are archived, and unpacking accepts nothing else, so an
+//! archive cannot place anything outside its root.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -96,7 +97,10 @@ fn append_entry<W: Write>(
         builder.append_data(&mut header, relative, exact).map_err(io_err("archiving", path))
     } else {
         // FIXME: symbolic links and special files in the workspace are not snapshotted.
-        tracing::warn!(path = %relative.display(), "skipping a file that is neither a directory nor a regular file");
+        tracing::warn!(
+            path = %relative.display(),
+            "skipping a file that is neither a directory nor a regular file",
+        );
         Ok(())
     }
 }

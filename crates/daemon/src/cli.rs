@@ -111,13 +111,17 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
                     println!("matrixd init: {root} restored generation {generation}")
                 }
                 InitOutcome::KeptLocal { local, remote } => println!(
-                    "matrixd init: {root} kept local changes at generation {local}; the store has {remote}"
+                    "matrixd init: {root} kept local changes at generation {local}; the store \
+                        has {remote}"
                 ),
             }
         }
         Command::Snapshot { action } => {
             let s3 = config.s3.as_ref().ok_or_else(|| {
-                anyhow::anyhow!("snapshots are off: set S3_ENDPOINT, S3_BUCKET, S3_REGION, S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY")
+                anyhow::anyhow!(
+                    "snapshots are off: set S3_ENDPOINT, S3_BUCKET, S3_REGION, \
+                    S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY"
+                )
             })?;
             let store = SnapshotStore::new(s3, config.user_id)?;
             let data = DataDir::new(&config.data_dir);

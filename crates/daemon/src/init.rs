@@ -52,7 +52,8 @@ pub async fn init(config: &Config) -> Result<InitOutcome, SnapshotError> {
                     tracing::warn!(
                         local,
                         remote = latest.generation,
-                        "the store has a newer snapshot but this volume has unsaved changes; keeping the local state"
+                        "the store has a newer snapshot but this volume has unsaved changes; \
+                            keeping the local state"
                     );
                     InitOutcome::KeptLocal { local, remote: latest.generation }
                 }

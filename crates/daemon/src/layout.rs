@@ -3,7 +3,8 @@
 //! ```text
 //! /data/
 //!   state.json          generation of the last snapshot pushed or restored, and the tree digest
-//!   cortex/             identity.key, settings.json, transcript.jsonl, journal/<intent>/<seq>-<kind>.json
+//!   cortex/             identity.key, settings.json, transcript.jsonl,
+//!                       journal/<intent>/<seq>-<kind>.json
 //!   workspace/          the user's files
 //!   .restore/           a restore in progress (see restore.rs); never part of a snapshot
 //!   .snapshot-tmp/      archives being uploaded; never part of a snapshot

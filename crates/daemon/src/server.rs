@@ -110,7 +110,11 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                     if let Err(e) = served {
-                        tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+                        tracing::debug!(
+                            client.addr = %peer,
+                            error = %e,
+                            "connection ended with an error",
+                        );
                     }
                 });
             }

@@ -26,7 +26,8 @@ pub fn require(program: &str, install_hint: &str) -> Option<PathBuf> {
         return Some(found);
     }
     let message = format!(
-        "`{program}` is not installed; {install_hint} (or run `cargo xtask test`, which installs it)"
+        "`{program}` is not installed; {install_hint} (or run `cargo xtask test`, which \
+            installs it)"
     );
     if std::env::var_os("CI").is_some() {
         panic!("{message}");

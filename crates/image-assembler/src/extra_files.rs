@@ -84,7 +84,8 @@ fn plan(files: &[ExtraFile]) -> Result<BTreeMap<String, Entry<'_>>> {
         let bad =
             |reason: &str| Error::BadExtraFile { path: file.path.clone(), reason: reason.into() };
         let name = archive_name(&file.path).ok_or_else(|| {
-            bad("the path must be absolute and normal (no `.`, `..` or trailing `/`), not `/` and not under /nix")
+            bad("the path must be absolute and normal (no `.`, `..` or trailing `/`), not `/` \
+                and not under /nix")
         })?;
 
         let kind = match (&file.text, &file.source, &file.symlink, file.directory) {

@@ -228,7 +228,12 @@ impl Authorizer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(scope.to_owned(), CachedToken { value: value.clone(), expires });
-        tracing::debug!(registry = %self.registry, scope, lifetime_s = lifetime.as_secs(), "got a registry token");
+        tracing::debug!(
+            registry = %self.registry,
+            scope,
+            lifetime_s = lifetime.as_secs(),
+            "got a registry token",
+        );
         Ok(value)
     }
 }

@@ -101,7 +101,14 @@ impl Transport {
             let response = match outcome {
                 Ok(response) => response,
                 Err(e) if retryable && is_transient(&e) => {
-                    tracing::warn!(registry = %self.registry, op = call.op, what = call.what, attempt, error = %e, "request failed; retrying");
+                    tracing::warn!(
+                        registry = %self.registry,
+                        op = call.op,
+                        what = call.what,
+                        attempt,
+                        error = %e,
+                        "request failed; retrying",
+                    );
                     self.pause(attempt, None).await;
                     continue;
                 }
@@ -128,7 +135,14 @@ impl Transport {
             let transient = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
             if transient && retryable {
                 let wait = retry_after(&response);
-                tracing::warn!(registry = %self.registry, op = call.op, what = call.what, attempt, %status, "registry busy or failing; retrying");
+                tracing::warn!(
+                    registry = %self.registry,
+                    op = call.op,
+                    what = call.what,
+                    attempt,
+                    %status,
+                    "registry busy or failing; retrying",
+                );
                 self.pause(attempt, wait).await;
                 continue;
             }

@@ -78,7 +78,13 @@ pub(crate) async fn push_blob(
         match result {
             Ok(outcome) => return Ok(outcome),
             Err((error, session)) if is_retryable(&error) && attempt < transport.retry.attempts => {
-                tracing::warn!(registry = %transport.registry, digest = %blob.digest, attempt, error = %error, "blob upload failed; starting it again");
+                tracing::warn!(
+                    registry = %transport.registry,
+                    digest = %blob.digest,
+                    attempt,
+                    error = %error,
+                    "blob upload failed; starting it again",
+                );
                 if let Some(session) = session {
                     cancel(transport, &session, &blob.digest, &scope).await;
                 }
@@ -148,7 +154,13 @@ async fn upload_once(
             // The registry began an upload instead: continue with it, never POST again.
             Ok(Mount::Session(session)) => session,
             Err(error) => {
-                tracing::warn!(registry = %transport.registry, digest, from, error = %error, "mount refused; uploading");
+                tracing::warn!(
+                    registry = %transport.registry,
+                    digest,
+                    from,
+                    error = %error,
+                    "mount refused; uploading",
+                );
                 start(transport, repository, digest, scope).await.map_err(|e| (e, None))?
             }
         },
@@ -328,7 +340,12 @@ async fn cancel(transport: &Transport, session: &Session, digest: &str, scope: &
     let call = Call { op: "cancel upload of", what: digest, scope, retry: false };
     let url = session.location.clone();
     if let Err(error) = transport.send(&call, |http| Ok(http.delete(url.clone()))).await {
-        tracing::debug!(registry = %transport.registry, digest, error = %error, "cancelling an upload failed");
+        tracing::debug!(
+            registry = %transport.registry,
+            digest,
+            error = %error,
+            "cancelling an upload failed",
+        );
     }
 }
 

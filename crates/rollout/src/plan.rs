@@ -145,7 +145,11 @@ mod tests {
     use super::*;
 
     fn machine(id: &str, state: MachineState, image: &str) -> Machine {
-        let mut value = serde_json::json!({ "id": id, "state": state.as_str(), "instance_id": format!("v-{id}") });
+        let mut value = serde_json::json!({
+            "id": id,
+            "state": state.as_str(),
+            "instance_id": format!("v-{id}"),
+        });
         value["config"] = serde_json::json!({ "image": image });
         serde_json::from_value(value).expect("machine")
     }

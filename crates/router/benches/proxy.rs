@@ -94,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
     let direct_rps = throughput(&client, &direct).await;
     let routed_rps = throughput(&client, &routed).await;
     println!(
-        "| requests/s, {THROUGHPUT_CONNECTIONS} connections, {}s | {direct_rps:.0} | {routed_rps:.0} |",
+        "| requests/s, {THROUGHPUT_CONNECTIONS} connections, {}s | {direct_rps:.0} | \
+            {routed_rps:.0} |",
         THROUGHPUT_TIME.as_secs()
     );
     println!();

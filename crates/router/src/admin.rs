@@ -97,7 +97,11 @@ async fn deprovision(state: &AppState, user: Uuid) -> Result<Response<RouterBody
         // leaves an orphan volume that only an operator removes.
         if let Err(e) = fly.delete_volume(&record.volume_id).await {
             if !gone(&e) {
-                tracing::warn!(volume.id = %record.volume_id, error = %error_chain(&e), "volume not deleted");
+                tracing::warn!(
+                    volume.id = %record.volume_id,
+                    error = %error_chain(&e),
+                    "volume not deleted",
+                );
             }
         }
     }

@@ -544,7 +544,8 @@ mod tests {
         check_err(
             ROUTER_ALLOWED_ORIGINS,
             Some("https://a.example, https://b.example/app"),
-            "ROUTER_ALLOWED_ORIGINS is malformed: \"https://b.example/app\" is not an origin like https://app.example.com",
+            "ROUTER_ALLOWED_ORIGINS is malformed: \"https://b.example/app\" is not an origin \
+                like https://app.example.com",
         );
     }
 }

@@ -143,13 +143,28 @@ impl ApiError {
         let detail = self.detail.as_deref().unwrap_or(&self.message);
         match self.fault {
             Fault::Client => {
-                tracing::debug!(status = self.status.as_u16(), code = self.code, error = %detail, "request refused")
+                tracing::debug!(
+                    status = self.status.as_u16(),
+                    code = self.code,
+                    error = %detail,
+                    "request refused",
+                )
             }
             Fault::Upstream => {
-                tracing::warn!(status = self.status.as_u16(), code = self.code, error = %detail, "upstream failure")
+                tracing::warn!(
+                    status = self.status.as_u16(),
+                    code = self.code,
+                    error = %detail,
+                    "upstream failure",
+                )
             }
             Fault::Internal => {
-                tracing::error!(status = self.status.as_u16(), code = self.code, error = %detail, "request could not be served")
+                tracing::error!(
+                    status = self.status.as_u16(),
+                    code = self.code,
+                    error = %detail,
+                    "request could not be served",
+                )
             }
         }
         let body = serde_json::json!({ "error": self.code, "message": self.message });

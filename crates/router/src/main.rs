@@ -41,9 +41,16 @@ async fn main() -> ExitCode {
             return if config_error { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE };
         }
     };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), listen.addr = %router.addr, "matrix-router started");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen.addr = %router.addr,
+        "matrix-router started",
+    );
     if self_signed {
-        tracing::info!(sha256 = %router.fingerprint, "serving a self-signed certificate (dev mode)");
+        tracing::info!(
+            sha256 = %router.fingerprint,
+            "serving a self-signed certificate (dev mode)",
+        );
     }
     println!("matrix-router listening on https://{}", router.addr);
 

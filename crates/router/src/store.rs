@@ -112,7 +112,8 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT user_id, machine_id, volume_id, region FROM user_machines ORDER BY created_at",
+                "SELECT user_id, machine_id, volume_id, region FROM user_machines ORDER BY \
+                    created_at",
                 &[],
             )
             .await
@@ -220,7 +221,8 @@ async fn apply_migrations(conn: &Object) -> Result<(), StoreError> {
             continue;
         }
         let statements = format!(
-            "BEGIN; {sql}; INSERT INTO router_schema_migrations (version) VALUES ({version}); COMMIT;"
+            "BEGIN; {sql}; INSERT INTO router_schema_migrations (version) VALUES ({version}); \
+                COMMIT;"
         );
         if let Err(source) = conn.batch_execute(&statements).await {
             let _ = conn.batch_execute("ROLLBACK").await;

@@ -20,7 +20,10 @@ pub enum TlsError {
     NoKey { path: PathBuf },
     #[error("generating a self-signed certificate")]
     SelfSigned(#[source] rcgen::Error),
-    #[error("{ROUTER_TLS_CERT} and {ROUTER_TLS_KEY} do not make a TLS configuration (is the key the certificate's?)")]
+    #[error(
+        "{ROUTER_TLS_CERT} and {ROUTER_TLS_KEY} do not make a TLS configuration (is the \
+        key the certificate's?)"
+    )]
     Config(#[source] rustls::Error),
 }
 

@@ -46,7 +46,8 @@ impl RegistryServer {
                 format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", file.display())
             }
             Auth::Token { realm, service, issuer, cert } => format!(
-                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: \
+                    {issuer}\n    rootcertbundle: {}\n",
                 cert.display()
             ),
         };

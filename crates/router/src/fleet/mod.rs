@@ -237,7 +237,11 @@ impl Fleet {
                 tracing::debug!(machine.id = machine_id, error = %e, "idle machine not suspended")
             }
             Err(e) => {
-                tracing::warn!(machine.id = machine_id, error = %e, "suspending an idle machine failed")
+                tracing::warn!(
+                    machine.id = machine_id,
+                    error = %e,
+                    "suspending an idle machine failed",
+                )
             }
         }
     }

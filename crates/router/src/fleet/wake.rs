@@ -169,11 +169,19 @@ impl Fleet {
             let refusal = match self.fly.start_machine(machine_id, None).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_precondition_failed() => {
-                    tracing::debug!(machine.id = machine_id, error = %e, "start refused for now; retrying");
+                    tracing::debug!(
+                        machine.id = machine_id,
+                        error = %e,
+                        "start refused for now; retrying",
+                    );
                     "kept refusing to start"
                 }
                 Err(e) if e.is_conflict() => {
-                    tracing::debug!(machine.id = machine_id, error = %e, "machine leased by another; retrying");
+                    tracing::debug!(
+                        machine.id = machine_id,
+                        error = %e,
+                        "machine leased by another; retrying",
+                    );
                     "stayed leased by another (a deploy)"
                 }
                 Err(e) => return Err(WakeError::fly(&e)),
