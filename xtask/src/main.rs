@@ -52,7 +52,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    load_dotenv()?;
+    // `.env` configures what a person runs; the tests stay hermetic and never see it.
+    let reads_settings =
+        matches!(cli.command, Command::Dev(_) | Command::Push(_) | Command::Deploy(_));
+    if reads_settings {
+        load_dotenv()?;
+    }
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
 
