@@ -30,7 +30,10 @@ check_variables() {
   done
   case "${MATRIX_MODE:-standalone}" in
     standalone | dual) ;;
-    *) fail "$EXIT_CONFIG" "step 1 (check configuration): MATRIX_MODE must be standalone or dual, not '${MATRIX_MODE}'" ;;
+    *)
+      fail "$EXIT_CONFIG" \
+        "step 1 (check configuration): MATRIX_MODE must be standalone or dual, not '${MATRIX_MODE}'"
+      ;;
   esac
 }
 

@@ -133,7 +133,8 @@ struct PickedWheel {
 /// Evaluates the wheel selection for one system and checks it against the lock itself.
 fn check_wheel_selection(sh: &Shell, root: &Path, system: &str) -> Result<usize> {
     let expr = format!(
-        "import ./{WHEELS_FUNCTION} {{ system = \"{system}\"; pythonTag = \"{IMAGE_PYTHON_TAG}\"; }} \
+        "import ./{WHEELS_FUNCTION} \
+         {{ system = \"{system}\"; pythonTag = \"{IMAGE_PYTHON_TAG}\"; }} \
          (builtins.fromTOML (builtins.readFile ./{UV_LOCK}))"
     );
     let _cd = sh.push_dir(root);

@@ -268,7 +268,8 @@ mod tests {
         write!(
             stream,
             "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k-123\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{payload}",
             payload.len()
         )
         .unwrap();

@@ -223,7 +223,8 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT machine_id, wave, previous_image, previous_version, was_running, status, new_version, detail
+                "SELECT machine_id, wave, previous_image, previous_version, was_running, status,
+                        new_version, detail
                  FROM rollout_machines WHERE rollout_id = $1 ORDER BY wave, position",
                 &[&id],
             )
@@ -238,7 +239,8 @@ impl Store {
         let previous = self.desired_image(&plan.app).await?;
         let tx = self.client.transaction().await.map_err(db("begin"))?;
         tx.execute(
-            "INSERT INTO rollout_runs (id, app, image, canary, batch, status, previous_desired_image)
+            "INSERT INTO rollout_runs
+                 (id, app, image, canary, batch, status, previous_desired_image)
              VALUES ($1, $2, $3, $4, $5, 'running', $6)",
             &[&id, &plan.app, &plan.image, &(plan.canary as i32), &(plan.batch as i32), &previous],
         )
@@ -281,7 +283,8 @@ impl Store {
         self.client
             .execute(
                 "UPDATE rollout_machines
-                 SET status = $3, new_version = COALESCE($4, new_version), detail = $5, updated_at = now()
+                 SET status = $3, new_version = COALESCE($4, new_version), detail = $5,
+                     updated_at = now()
                  WHERE rollout_id = $1 AND machine_id = $2",
                 &[&run, &machine, &status.as_str(), &new_version, &detail],
             )

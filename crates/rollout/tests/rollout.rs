@@ -138,7 +138,10 @@ async fn create(fly: &FlyClient, index: usize) -> Machine {
         "image": OLD,
         "metadata": { "matrix_user_id": format!("user-{index}") },
         "services": [{ "protocol": "tcp", "internal_port": 8080 }],
-        "checks": { "alive": { "type": "http", "port": 8080, "path": "/healthz", "interval": "200ms", "grace_period": "0s" } },
+        "checks": { "alive": {
+            "type": "http", "port": 8080, "path": "/healthz",
+            "interval": "200ms", "grace_period": "0s"
+        } },
         "stop_config": { "signal": "SIGTERM", "timeout": "1s" },
     }))
     .expect("config");

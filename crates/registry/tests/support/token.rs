@@ -111,7 +111,8 @@ fn answer(
         .filter_map(|(_, scope)| {
             let mut parts = scope.splitn(3, ':');
             let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
-            Some(serde_json::json!({ "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>() }))
+            let actions: Vec<&str> = actions.split(',').collect();
+            Some(serde_json::json!({ "type": kind, "name": name, "actions": actions }))
         })
         .collect();
 
