@@ -387,7 +387,12 @@ async fn machines_see_their_environment_and_volume_and_survive_an_emulator_resta
     assert_eq!(vars["APP_SECRET"], "s3cr3t");
     assert_eq!(vars["IMAGE_VAR"], "from-image");
     assert_eq!(vars["CONFIG_VAR"], format!("ip={}", machine.private_ip));
-    let args = std::fs::read_to_string(env.volume_dir(&volume.id).join("args.txt")).unwrap();
+    // The recorder writes env.txt before args.txt: wait for the second file as well.
+    let args_file = env.volume_dir(&volume.id).join("args.txt");
+    let args = eventually("the machine writes its arguments", 100, || async {
+        std::fs::read_to_string(&args_file).ok().filter(|t| t.ends_with('\n'))
+    })
+    .await;
     assert_eq!(args.trim(), format!("{} {APP} 8080", machine.id));
 
     let env = env.restart().await;
