@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::admin;
-use crate::auth::Authenticator;
+use crate::auth::{cors, Authenticator};
 use crate::body::{full, json, RouterBody};
 use crate::error::ApiError;
 use crate::fleet::Fleet;
@@ -43,8 +43,10 @@ pub async fn handle(
         http.method = %req.method(),
         client.addr = %peer,
     );
+    let origin = req.headers().get(header::ORIGIN).cloned();
     let result = route(&state, req, peer, &request_id).instrument(span).await;
     let mut response = result.unwrap_or_else(ApiError::into_response);
+    cors::apply(state.auth.allowed_origins(), origin.as_ref(), response.headers_mut());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(headers::REQUEST_ID_HEADER, value);
     }
@@ -59,6 +61,9 @@ async fn route(
     request_id: &str,
 ) -> Result<Response<RouterBody>, ApiError> {
     proxy::check_host(&req)?;
+    if cors::is_preflight(req.method(), req.headers()) {
+        return Ok(cors::preflight(state.auth.allowed_origins(), req.headers()));
+    }
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => Ok(ok_json(serde_json::json!({"ok": true}))),
@@ -84,7 +89,7 @@ async fn proxy_to_daemon(
     // Authentication first: a refused request never reaches the fleet or a daemon.
     let user = state.auth.authenticate(req.headers()).await?;
     proxy::check_body_size(&req, state.max_body_bytes)?;
-    let websocket = headers::wants_websocket(req.method(), req.headers());
+    let websocket = headers::wants_websocket(&req);
 
     let target = state.fleet.target(user.id).await?;
     let guard = state.fleet.activity(&target.machine_id);

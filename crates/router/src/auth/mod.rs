@@ -6,6 +6,7 @@
 //! browser attaches cookies to cross-site requests too.
 
 mod cookie;
+pub mod cors;
 mod jwks;
 mod jwt;
 
@@ -68,6 +69,11 @@ impl Authenticator {
             ApiError::unauthorized(e.reason()).with_detail(e.to_string())
         })?;
         Ok(User { id })
+    }
+
+    /// The origins whose pages may call the router with the user's cookie.
+    pub fn allowed_origins(&self) -> &[String] {
+        &self.allowed_origins
     }
 
     /// An allowed `Origin`, or no `Origin` on a request the browser marks same-origin.

@@ -35,7 +35,6 @@ const IDENTITY: &[&str] = &[
     "client-ip",
     "true-client-ip",
     "cf-connecting-ip",
-    "fly-client-ip",
     "x-request-id",
     "x-user-id",
     "x-auth-user",
@@ -44,8 +43,10 @@ const IDENTITY: &[&str] = &[
     "remote-user",
 ];
 
-/// Prefixes of the same kind: every `X-Forwarded-*` and every header of the router's own.
-const IDENTITY_PREFIXES: &[&str] = &["x-forwarded-", "x-matrix-", "x-original-"];
+/// Prefixes of the same kind: every `X-Forwarded-*`, every header Fly's proxy sets
+/// (`Fly-Client-IP`, `Fly-Forwarded-Port`, `Fly-Region`, ...; a daemon behind Fly would trust
+/// them) and every header of the router's own.
+const IDENTITY_PREFIXES: &[&str] = &["x-forwarded-", "fly-", "x-matrix-", "x-original-"];
 
 /// What the router adds to a request it forwards.
 pub struct Forwarding<'a> {
@@ -83,10 +84,12 @@ pub fn request_headers(inbound: &HeaderMap, forwarding: &Forwarding<'_>) -> Head
     headers
 }
 
-/// Cleans the daemon's response headers; a `101` keeps its `Upgrade`/`Connection`.
+/// Cleans the daemon's response headers; a `101` keeps its `Upgrade`/`Connection`. CORS
+/// headers are the router's to set (`auth::cors`): a daemon cannot widen who may read it.
 pub fn response_headers(headers: &mut HeaderMap, switching_protocols: bool) {
     let upgrade = headers.get(header::UPGRADE).cloned();
     remove_hop_by_hop(headers);
+    remove_cors(headers);
     if switching_protocols {
         if let Some(upgrade) = upgrade {
             headers.insert(header::UPGRADE, upgrade);
@@ -95,12 +98,14 @@ pub fn response_headers(headers: &mut HeaderMap, switching_protocols: bool) {
     }
 }
 
-/// Whether the request asks for a WebSocket upgrade: `Upgrade: websocket` on a GET. Any other
-/// upgrade (`h2c`, ...) is dropped with the other hop-by-hop fields.
-pub fn wants_websocket(method: &http::Method, headers: &HeaderMap) -> bool {
-    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
-    method == http::Method::GET
-        && upgrade.is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+/// Whether the request asks for a WebSocket: `Upgrade: websocket` on an HTTP/1.1 GET, or an
+/// HTTP/2 extended CONNECT with `:protocol = websocket`. Any other upgrade (`h2c`, ...) is
+/// dropped with the other hop-by-hop fields.
+pub fn wants_websocket<B>(req: &http::Request<B>) -> bool {
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let http1 = req.method() == http::Method::GET
+        && upgrade.is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    http1 || super::websocket::is_extended_connect(req)
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -113,6 +118,17 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|name| !name.is_empty())
         .collect();
     for name in nominated.iter().map(String::as_str).chain(HOP_BY_HOP.iter().copied()) {
+        headers.remove(name);
+    }
+}
+
+fn remove_cors(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -184,6 +200,10 @@ mod tests {
             ("x-matrix-user-id", "someone-else"),
             ("x_matrix_user_id", "someone-else"),
             ("x-request-id", "client-chosen"),
+            ("fly-client-ip", "1.2.3.4"),
+            ("fly-forwarded-port", "443"),
+            ("fly_region", "ams"),
+            ("fly.request.id", "01H"),
             ("connection", "keep-alive, x-secret"),
             ("x-secret", "nominated by connection"),
             ("keep-alive", "timeout=5"),

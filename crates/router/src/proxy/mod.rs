@@ -1,11 +1,11 @@
 //! Forwarding one request to a daemon and streaming the answer back.
 //!
-//! Bodies stream both ways without buffering or compression. A WebSocket upgrade goes over
-//! a fresh upstream connection that is never pooled, and the two sides are joined only after
-//! the daemon answered `101`.
+//! Bodies stream both ways without buffering or compression. WebSockets, over HTTP/1.1 or
+//! HTTP/2, are in [`websocket`].
 
 pub mod headers;
 pub mod internal;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{BoxError, IdleTimeout, RouterBody};
 use crate::config::Limits;
@@ -50,14 +50,11 @@ impl Upstream {
 
     /// Sends `req` to the daemon at `addr` and returns its response, streaming.
     ///
-    /// FIXME: WebSockets over HTTP/2 (RFC 8441 extended CONNECT) are not forwarded; browsers
-    /// fall back to HTTP/1.1 for them.
-    ///
     /// `guard` counts the exchange as activity on the machine until the response body (or the
     /// upgraded connection) is finished.
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         addr: SocketAddr,
         forwarding: Forwarding<'_>,
         guard: ActivityGuard,
@@ -66,12 +63,7 @@ impl Upstream {
         let headers = headers::request_headers(req.headers(), &forwarding);
 
         if forwarding.websocket {
-            let client_upgrade = hyper::upgrade::on(&mut req);
-            let mut upstream_req = Request::get(uri)
-                .body(crate::body::full(Bytes::new()))
-                .map_err(|e| ApiError::internal(format!("building the upstream request: {e}")))?;
-            *upstream_req.headers_mut() = headers;
-            return self.websocket(upstream_req, addr, client_upgrade, guard).await;
+            return self.websocket(req, uri, headers, addr, guard).await;
         }
 
         let (parts, body) = req.into_parts();
@@ -96,61 +88,6 @@ impl Upstream {
         headers::response_headers(&mut parts.headers, false);
         let body = GuardedBody { inner: body, _guard: guard }.boxed();
         Ok(Response::from_parts(parts, body))
-    }
-
-    async fn websocket(
-        &self,
-        upstream_req: Request<RouterBody>,
-        addr: SocketAddr,
-        client_upgrade: hyper::upgrade::OnUpgrade,
-        guard: ActivityGuard,
-    ) -> Result<Response<RouterBody>, ApiError> {
-        let connect = tokio::net::TcpStream::connect(addr);
-        let stream = tokio::time::timeout(self.limits.upstream_connect_timeout, connect)
-            .await
-            .map_err(|_| upstream_timeout(addr))?
-            .map_err(|e| upstream_failed(addr, &e))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| upstream_failed(addr, &e))?;
-        tokio::spawn(conn.with_upgrades());
-
-        let send = sender.send_request(upstream_req);
-        let mut response = tokio::time::timeout(self.limits.upstream_headers_timeout, send)
-            .await
-            .map_err(|_| upstream_timeout(addr))?
-            .map_err(|e| upstream_failed(addr, &e))?;
-
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        headers::response_headers(response.headers_mut(), switching);
-        if !switching {
-            // Refused upgrades are relayed as ordinary responses.
-            let (parts, body) = response.into_parts();
-            return Ok(Response::from_parts(
-                parts,
-                GuardedBody { inner: body, _guard: guard }.boxed(),
-            ));
-        }
-
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        self.drain.spawn(async move {
-            let _guard = guard;
-            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok(both) => both,
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket upgrade did not complete");
-                    return;
-                }
-            };
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "websocket closed with an error");
-            }
-        });
-        let (parts, _) = response.into_parts();
-        Ok(Response::from_parts(parts, crate::body::full(Bytes::new())))
     }
 }
 

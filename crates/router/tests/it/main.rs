@@ -6,6 +6,8 @@ mod binary;
 mod bodies;
 mod deploys;
 mod fleet;
+mod http2;
+mod hygiene;
 mod keys;
 mod routes;
 mod streams;

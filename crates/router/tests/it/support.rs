@@ -36,6 +36,8 @@ pub struct Options {
     pub wake_timeout_secs: u64,
     pub max_body_bytes: u64,
     pub body_idle_timeout_secs: u64,
+    /// Also how long a connection with no open stream is kept.
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             wake_timeout_secs: 120,
             max_body_bytes: 10 << 20,
             body_idle_timeout_secs: 30,
+            header_read_timeout_secs: 30,
         }
     }
 }
@@ -237,6 +240,7 @@ fn router_vars(
         (config::ROUTER_WAKE_TIMEOUT_SECS, options.wake_timeout_secs.to_string()),
         (config::ROUTER_MAX_BODY_BYTES, options.max_body_bytes.to_string()),
         (config::ROUTER_BODY_IDLE_TIMEOUT_SECS, options.body_idle_timeout_secs.to_string()),
+        (config::ROUTER_HEADER_READ_TIMEOUT_SECS, options.header_read_timeout_secs.to_string()),
         (config::ROUTER_WAKE_TOKEN, WAKE_TOKEN.to_owned()),
         (config::ROUTER_ADMIN_TOKEN, ADMIN_TOKEN.to_owned()),
     ]

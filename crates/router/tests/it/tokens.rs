@@ -97,6 +97,11 @@ async fn token_cases() {
         ),
         ("sub not a UUID", keys.hs256(&with("sub", "admin".into())), "token claims invalid"),
         (
+            "sub the nil UUID",
+            keys.hs256(&with("sub", Uuid::nil().to_string().into())),
+            "token claims invalid",
+        ),
+        (
             "missing exp",
             {
                 let mut claims = keys.claims(stranger);
