@@ -1,23 +1,38 @@
 //! Snapshot archives: `cortex/` and `workspace/` as a deterministic tar, zstd-compressed.
 //!
 //! The same tree always gives the same bytes: entries in name order, mtime 0, owner 0,
-//! modes without special bits or group/other write (so `identity.key` stays 0600). Only
-//! directories and regular files are archived, and unpacking accepts nothing else, so an
-//! archive cannot place anything outside its root.
+//! modes without special bits or group/other write (so `identity.key` stays 0600).
+//!
+//! What is archived: directories, regular files (each as one state it had, see `capture`),
+//! and, under `workspace/`, symbolic links as links (the target as written, never
+//! followed). Fifos, sockets and device nodes, and links under `cortex/` (which `matrixd`
+//! itself reads and appends to), are skipped with a warning and counted in
+//! [`Packed::skipped`].
+//!
+//! Unpacking accepts nothing else, and never writes through a link: an entry at or under
+//! a link the archive made is refused, and every file is created new, never opened over
+//! something already there. So an archive cannot place anything outside its root.
 
-use std::fs::File;
+mod capture;
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::layout::{TreeHasher, SNAPSHOT_DIRS};
+use crate::layout::{snapshot_entries, LayoutError, TreeHasher, SNAPSHOT_DIRS};
 
 const ZSTD_LEVEL: i32 = 3;
 /// Permission bits kept in an archive.
 const ARCHIVED_MODE_BITS: u32 = 0o755;
+/// The one directory whose links are archived.
+const LINKS_ALLOWED_UNDER: &str = "workspace";
+/// Bytes moved per read and write when unpacking.
+const UNPACK_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -28,86 +43,163 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
     #[error("archive entry {path:?} is refused: {reason}")]
     UnsafeEntry { path: String, reason: &'static str },
+    #[error("{path} kept changing while it was archived ({attempts} reads); not snapshotted")]
+    KeptChanging { path: PathBuf, attempts: u32 },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArchiveError + 'a {
     move |source| ArchiveError::Io { action, path: path.to_owned(), source }
 }
 
-/// What was written: the sha256 and size of the compressed archive.
+/// What was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packed {
+    /// The hex sha256 of the compressed archive.
     pub sha256: String,
+    /// The size of the compressed archive.
     pub size: u64,
+    /// The [`tree_digest`](crate::layout::tree_digest) of what was archived, computed from
+    /// the archived bytes themselves.
+    pub tree_sha256: String,
+    /// Entries left out: fifos, sockets, devices, and links under `cortex/`.
+    pub skipped: u64,
 }
 
-/// Writes the archive of `root`'s snapshot directories to `out`.
+/// Writes the archive of `root`'s snapshot directories to `out`. Large files are spooled
+/// beside `out` while they are read.
 pub fn pack(root: &Path, out: &Path) -> Result<Packed, ArchiveError> {
     let file = File::create(out).map_err(io_err("creating", out))?;
     let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
     let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL).map_err(io_err("compressing", out))?;
     let mut builder = tar::Builder::new(encoder);
     builder.mode(tar::HeaderMode::Deterministic);
+    let spool_dir = out.parent().unwrap_or(Path::new("."));
+    let mut packer = Packer {
+        builder,
+        digest: TreeHasher::new(),
+        capture: capture::Capture::new(spool_dir),
+        skipped: 0,
+    };
 
-    for dir in SNAPSHOT_DIRS {
-        let base = root.join(dir);
-        if !base.exists() {
-            continue;
-        }
-        for entry in walkdir::WalkDir::new(&base).sort_by_file_name() {
-            let entry = entry.map_err(|e| io_err("walking", &base)(e.into()))?;
-            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_owned();
-            append_entry(&mut builder, entry.path(), &relative)?;
-        }
+    for entry in snapshot_entries(root) {
+        let (path, relative) = entry?;
+        packer.append(&path, &relative)?;
     }
 
+    let Packer { builder, digest, skipped, .. } = packer;
     let encoder = builder.into_inner().map_err(io_err("writing", out))?;
     let hashing = encoder.finish().map_err(io_err("compressing", out))?;
     let (writer, sha256, size) = hashing.finish();
     let file = writer.into_inner().map_err(|e| io_err("writing", out)(e.into_error()))?;
     file.sync_all().map_err(io_err("syncing", out))?;
-    Ok(Packed { sha256, size })
+    Ok(Packed { sha256, size, tree_sha256: digest.finish(), skipped })
 }
 
-fn append_entry<W: Write>(
-    builder: &mut tar::Builder<W>,
-    path: &Path,
-    relative: &Path,
-) -> Result<(), ArchiveError> {
-    let metadata = std::fs::symlink_metadata(path).map_err(io_err("reading", path))?;
+struct Packer<W: Write> {
+    builder: tar::Builder<W>,
+    digest: TreeHasher,
+    capture: capture::Capture,
+    skipped: u64,
+}
+
+impl<W: Write> Packer<W> {
+    fn append(&mut self, path: &Path, relative: &Path) -> Result<(), ArchiveError> {
+        let metadata = match std::fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            // Removed since the walk listed it: the tree no longer holds it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("reading", path)(e)),
+        };
+        let file_type = metadata.file_type();
+        if file_type.is_dir() {
+            let mode = metadata.permissions().mode() & ARCHIVED_MODE_BITS;
+            let mut header = header(EntryType::Directory, mode, 0);
+            self.digest.dir(relative);
+            self.builder
+                .append_data(&mut header, relative, io::empty())
+                .map_err(io_err("archiving", path))
+        } else if file_type.is_file() {
+            self.append_file(path, relative)
+        } else if file_type.is_symlink() && relative.starts_with(LINKS_ALLOWED_UNDER) {
+            self.append_symlink(path, relative)
+        } else {
+            tracing::warn!(
+                path = %relative.display(),
+                "skipping a fifo, socket, device or cortex link: snapshots do not hold them",
+            );
+            self.skipped += 1;
+            self.digest.other(relative);
+            Ok(())
+        }
+    }
+
+    fn append_file(&mut self, path: &Path, relative: &Path) -> Result<(), ArchiveError> {
+        let Some(captured) = self.capture.read(path)? else { return Ok(()) };
+        let mode = captured.mode & ARCHIVED_MODE_BITS;
+        let mut header = header(EntryType::Regular, mode, captured.len);
+        self.digest.begin_file(relative, mode & 0o111 != 0);
+        let mut hashed = HashingReader { inner: captured.bytes, digest: &mut self.digest, read: 0 };
+        self.builder
+            .append_data(&mut header, relative, &mut hashed)
+            .map_err(io_err("archiving", path))?;
+        // tar pads a short entry silently; a short one would shift every entry after it.
+        if hashed.read != captured.len {
+            let short = io::Error::new(io::ErrorKind::UnexpectedEof, "the spool was short");
+            return Err(io_err("archiving", path)(short));
+        }
+        Ok(())
+    }
+
+    fn append_symlink(&mut self, path: &Path, relative: &Path) -> Result<(), ArchiveError> {
+        let target = match std::fs::read_link(path) {
+            Ok(target) => target,
+            // Removed or replaced since it was listed; the next snapshot sees what is there.
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::InvalidInput) => {
+                return Ok(());
+            }
+            Err(e) => return Err(io_err("reading the link", path)(e)),
+        };
+        let mut header = header(EntryType::Symlink, 0o777, 0);
+        self.digest.symlink(relative, &target);
+        self.builder.append_link(&mut header, relative, &target).map_err(io_err("archiving", path))
+    }
+}
+
+fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     let mut header = Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(size);
     header.set_mtime(0);
     header.set_uid(0);
     header.set_gid(0);
-    if metadata.is_dir() {
-        header.set_entry_type(EntryType::Directory);
-        header.set_mode(metadata.permissions().mode() & ARCHIVED_MODE_BITS);
-        header.set_size(0);
-        builder.append_data(&mut header, relative, io::empty()).map_err(io_err("archiving", path))
-    } else if metadata.is_file() {
-        header.set_entry_type(EntryType::Regular);
-        header.set_mode(metadata.permissions().mode() & ARCHIVED_MODE_BITS);
-        header.set_size(metadata.len());
-        // Exactly the size in the header, even if the file grows or shrinks meanwhile, so the
-        // archive always parses (the change itself goes into the next snapshot).
-        let file = File::open(path).map_err(io_err("reading", path))?;
-        let exact = file.take(metadata.len()).chain(io::repeat(0)).take(metadata.len());
-        builder.append_data(&mut header, relative, exact).map_err(io_err("archiving", path))
-    } else {
-        // FIXME: symbolic links and special files in the workspace are not snapshotted.
-        tracing::warn!(
-            path = %relative.display(),
-            "skipping a file that is neither a directory nor a regular file",
-        );
-        Ok(())
+    header
+}
+
+/// Feeds the bytes read through it to a [`TreeHasher`].
+struct HashingReader<'a, R> {
+    inner: R,
+    digest: &'a mut TreeHasher,
+    read: u64,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.digest.update(&buf[..read]);
+        self.read += read as u64;
+        Ok(read)
     }
 }
 
 /// Unpacks an archive made by [`pack`] into `dest` (which should be empty), refusing any
-/// entry that is not a directory or regular file under one of the snapshot directories.
-/// Every file and directory is synced before this returns. Returns the unpacked tree's
+/// entry that is not a directory, regular file or workspace link under one of the
+/// snapshot directories, and any entry at or under a link. Every file and directory is
+/// synced before this returns. Returns the unpacked tree's
 /// [`tree_digest`](crate::layout::tree_digest), computed on the way.
 pub fn unpack(archive: &Path, dest: &Path) -> Result<String, ArchiveError> {
     let file = File::open(archive).map_err(io_err("opening", archive))?;
@@ -118,77 +210,160 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<String, ArchiveError> {
 pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveError> {
     let decoder = zstd::Decoder::new(reader).map_err(io_err("decompressing", dest))?;
     let mut tar = tar::Archive::new(decoder);
-    let mut digest = TreeHasher::new();
-    let (mut dirs, mut files) = (Vec::new(), Vec::new());
-    for entry in tar.entries().map_err(io_err("reading the archive for", dest))? {
+    let mut unpacker = Unpacker::new(dest);
+    let reading = io_err("reading the archive for", dest);
+    for entry in tar.entries().map_err(reading)? {
         let mut entry = entry.map_err(io_err("reading the archive for", dest))?;
         let path = entry.path().map_err(io_err("reading the archive for", dest))?.into_owned();
-        check_entry(&path, entry.header().entry_type())?;
-        let target = dest.join(&path);
+        let kind = entry.header().entry_type();
+        check_entry(&path, kind)?;
+        unpacker.check_not_under_link(&path)?;
         let mode = entry.header().mode().map_err(io_err("reading the archive for", dest))?
             & ARCHIVED_MODE_BITS;
-        if entry.header().entry_type() == EntryType::Directory {
-            std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
-            digest.dir(&path);
-            dirs.push((target, mode));
-            continue;
+        match kind {
+            EntryType::Directory => unpacker.dir(&path, mode)?,
+            EntryType::Symlink => {
+                let target = entry.link_name().map_err(io_err("reading the archive for", dest))?;
+                let Some(target) = target.filter(|t| !t.as_os_str().is_empty()) else {
+                    return Err(refused(&path, "a link must have a target"));
+                };
+                unpacker.symlink(&path, &target)?;
+            }
+            _ => unpacker.file(&path, mode, &mut entry)?,
         }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+    }
+    unpacker.finish()
+}
+
+/// Writes entries under `dest`, digesting them in archive order.
+struct Unpacker<'a> {
+    dest: &'a Path,
+    digest: TreeHasher,
+    links: HashSet<PathBuf>,
+    dirs: Vec<(PathBuf, u32)>,
+    files: Vec<PathBuf>,
+    buffer: Vec<u8>,
+}
+
+impl<'a> Unpacker<'a> {
+    fn new(dest: &'a Path) -> Self {
+        Self {
+            dest,
+            digest: TreeHasher::new(),
+            links: HashSet::new(),
+            dirs: Vec::new(),
+            files: Vec::new(),
+            buffer: vec![0; UNPACK_CHUNK],
         }
-        digest.begin_file(&path, mode & 0o111 != 0);
-        let mut out = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&target).map_err(io_err("creating", &target))?,
-        );
-        let mut buffer = vec![0; 1 << 20];
+    }
+
+    /// Refuses `path` when it or a directory above it is a link this archive made: writing
+    /// there would follow the link.
+    fn check_not_under_link(&self, path: &Path) -> Result<(), ArchiveError> {
+        if path.ancestors().any(|ancestor| self.links.contains(ancestor)) {
+            return Err(refused(path, "it is at or under a symbolic link"));
+        }
+        Ok(())
+    }
+
+    fn dir(&mut self, path: &Path, mode: u32) -> Result<(), ArchiveError> {
+        let target = self.dest.join(path);
+        std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
+        self.digest.dir(path);
+        self.dirs.push((target, mode));
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &Path, link_target: &Path) -> Result<(), ArchiveError> {
+        let target = self.dest.join(path);
+        self.create_parent(&target)?;
+        std::os::unix::fs::symlink(link_target, &target).map_err(io_err("creating", &target))?;
+        self.digest.symlink(path, link_target);
+        self.links.insert(path.to_owned());
+        Ok(())
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        mode: u32,
+        contents: &mut impl Read,
+    ) -> Result<(), ArchiveError> {
+        let target = self.dest.join(path);
+        self.create_parent(&target)?;
+        // `create_new`: never opened over an existing file or link.
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&target)
+            .map_err(io_err("creating", &target))?;
+        self.digest.begin_file(path, mode & 0o111 != 0);
         loop {
-            let read =
-                entry.read(&mut buffer).map_err(io_err("reading the archive for", &target))?;
+            let read = contents
+                .read(&mut self.buffer)
+                .map_err(io_err("reading the archive for", &target))?;
             if read == 0 {
                 break;
             }
-            digest.update(&buffer[..read]);
-            out.write_all(&buffer[..read]).map_err(io_err("writing", &target))?;
+            self.digest.update(&self.buffer[..read]);
+            out.write_all(&self.buffer[..read]).map_err(io_err("writing", &target))?;
         }
-        let out = out.into_inner().map_err(|e| io_err("writing", &target)(e.into_error()))?;
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_err("setting the mode of", &target))?;
-        files.push(target);
+        self.files.push(target);
+        Ok(())
     }
-    // Synced at the end rather than one by one, so the disk writes back while the rest
-    // is still being decompressed.
-    for file in &files {
-        File::open(file).and_then(|f| f.sync_all()).map_err(io_err("syncing", file))?;
+
+    fn create_parent(&self, target: &Path) -> Result<(), ArchiveError> {
+        match target.parent() {
+            Some(parent) => std::fs::create_dir_all(parent).map_err(io_err("creating", parent)),
+            None => Ok(()),
+        }
     }
-    // Directories last, deepest first: their modes may forbid writing, and syncing them
-    // makes their entries durable.
-    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-    for (dir, mode) in &dirs {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
-            .map_err(io_err("setting the mode of", dir))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
+
+    /// Makes everything durable and returns the digest.
+    fn finish(mut self) -> Result<String, ArchiveError> {
+        // Synced at the end rather than one by one, so the disk writes back while the rest
+        // is still being decompressed.
+        for file in &self.files {
+            File::open(file).and_then(|f| f.sync_all()).map_err(io_err("syncing", file))?;
+        }
+        // Directories last, deepest first: their modes may forbid writing, and syncing them
+        // makes their entries durable.
+        self.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (dir, mode) in &self.dirs {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
+                .map_err(io_err("setting the mode of", dir))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
+        }
+        let dest = self.dest;
+        File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))?;
+        Ok(self.digest.finish())
     }
-    File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))?;
-    Ok(digest.finish())
+}
+
+fn refused(path: &Path, reason: &'static str) -> ArchiveError {
+    ArchiveError::UnsafeEntry { path: path.display().to_string(), reason }
 }
 
 fn check_entry(path: &Path, kind: EntryType) -> Result<(), ArchiveError> {
-    let refuse = |reason| ArchiveError::UnsafeEntry { path: path.display().to_string(), reason };
-    if !matches!(kind, EntryType::Regular | EntryType::Directory) {
-        return Err(refuse("only directories and regular files are allowed"));
-    }
     let mut components = path.components();
     let Some(Component::Normal(first)) = components.next() else {
-        return Err(refuse("must be a relative path"));
+        return Err(refused(path, "must be a relative path"));
     };
     if !SNAPSHOT_DIRS.iter().any(|d| first == *d) {
-        return Err(refuse("must be under cortex/ or workspace/"));
+        return Err(refused(path, "must be under cortex/ or workspace/"));
     }
     if !components.all(|c| matches!(c, Component::Normal(_))) {
-        return Err(refuse("must not contain `..` or `.`"));
+        return Err(refused(path, "must not contain `..` or `.`"));
     }
-    Ok(())
+    match kind {
+        EntryType::Regular | EntryType::Directory => Ok(()),
+        EntryType::Symlink if first == LINKS_ALLOWED_UNDER => Ok(()),
+        EntryType::Symlink => Err(refused(path, "links are allowed only under workspace/")),
+        _ => Err(refused(path, "only directories, regular files and links are allowed")),
+    }
 }
 
 /// Hashes and counts the bytes passing through.
@@ -239,53 +414,4 @@ pub fn file_sha256(path: &Path) -> Result<(String, u64), ArchiveError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
-mod tests {
-    use super::*;
-
-    fn tree(root: &Path) {
-        std::fs::create_dir_all(root.join("cortex/journal")).unwrap();
-        std::fs::create_dir_all(root.join("workspace/src")).unwrap();
-        std::fs::write(root.join("cortex/settings.json"), "{}").unwrap();
-        std::fs::write(root.join("workspace/src/main.rs"), "fn main() {}").unwrap();
-        std::fs::write(root.join("stray.txt"), "not archived").unwrap();
-    }
-
-    #[test]
-    fn the_same_tree_packs_to_the_same_bytes_and_round_trips() {
-        let (a, b, out) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
-        tree(a.path());
-        tree(b.path());
-
-        let first = pack(a.path(), &out.path().join("a.tar.zst")).unwrap();
-        let second = pack(b.path(), &out.path().join("b.tar.zst")).unwrap();
-        assert_eq!(first, second);
-
-        let dest = out.path().join("unpacked");
-        unpack(&out.path().join("a.tar.zst"), &dest).unwrap();
-        assert_eq!(
-            crate::layout::tree_digest(&dest).unwrap(),
-            crate::layout::tree_digest(b.path()).unwrap()
-        );
-        assert!(!dest.join("stray.txt").exists());
-    }
-
-    #[test]
-    fn entries_outside_the_snapshot_directories_are_refused() {
-        for (path, kind) in [
-            ("../etc/passwd", EntryType::Regular),
-            ("/etc/passwd", EntryType::Regular),
-            ("cortex/../../x", EntryType::Regular),
-            ("other/x", EntryType::Regular),
-            ("cortex/link", EntryType::Symlink),
-            ("workspace/dev", EntryType::Char),
-        ] {
-            assert!(check_entry(Path::new(path), kind).is_err(), "{path} should be refused");
-        }
-        assert!(check_entry(Path::new("workspace/a/b.txt"), EntryType::Regular).is_ok());
-    }
-}
+mod tests;

@@ -173,35 +173,64 @@ impl DataDir {
 }
 
 /// A digest of `root/cortex` and `root/workspace`: every path (in walk order, names
-/// sorted), its kind, its executable bit and its contents. Equal digests mean equal
-/// snapshot contents.
+/// sorted), its kind, its executable bit, its contents and, for a symbolic link, its
+/// target. Equal digests mean equal snapshot contents.
 pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
     let mut digest = TreeHasher::new();
-    for dir in SNAPSHOT_DIRS {
-        let base = root.join(dir);
-        if !base.exists() {
-            continue;
-        }
-        for entry in walkdir::WalkDir::new(&base).sort_by_file_name() {
-            let entry = entry.map_err(|e| LayoutError::Io {
-                action: "walking",
-                path: base.clone(),
-                source: e.into(),
-            })?;
-            let relative = entry.path().strip_prefix(root).unwrap_or(entry.path());
-            let file_type = entry.file_type();
-            if file_type.is_dir() {
-                digest.dir(relative);
-            } else if file_type.is_file() {
-                let mode = entry.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-                digest.begin_file(relative, mode & 0o111 != 0);
-                hash_file(&mut digest, entry.path())?;
-            } else {
-                digest.other(relative);
-            }
+    for entry in snapshot_entries(root) {
+        let (path, relative) = entry?;
+        let metadata = match fs::symlink_metadata(&path) {
+            Ok(metadata) => metadata,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(LayoutError::io("reading", &path)(e)),
+        };
+        let file_type = metadata.file_type();
+        if file_type.is_dir() {
+            digest.dir(&relative);
+        } else if file_type.is_file() {
+            digest.begin_file(&relative, metadata.permissions().mode() & 0o111 != 0);
+            hash_file(&mut digest, &path)?;
+        } else if file_type.is_symlink() {
+            let target =
+                fs::read_link(&path).map_err(LayoutError::io("reading the link", &path))?;
+            digest.symlink(&relative, &target);
+        } else {
+            digest.other(&relative);
         }
     }
     Ok(digest.finish())
+}
+
+/// Every entry under `root/cortex` and `root/workspace`, directories before what they hold
+/// and names sorted, as (path, path relative to `root`). Symbolic links are listed, never
+/// followed.
+pub fn snapshot_entries(
+    root: &Path,
+) -> impl Iterator<Item = Result<(PathBuf, PathBuf), LayoutError>> + '_ {
+    SNAPSHOT_DIRS.iter().map(move |dir| root.join(dir)).filter(|base| base.exists()).flat_map(
+        move |base| {
+            walkdir::WalkDir::new(&base).sort_by_file_name().into_iter().filter_map(move |entry| {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    // Removed while the walk ran: the tree no longer holds it.
+                    Err(e) if e.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound) => {
+                        return None;
+                    }
+                    Err(e) => {
+                        let path = e.path().unwrap_or(&base).to_owned();
+                        return Some(Err(LayoutError::Io {
+                            action: "walking",
+                            path,
+                            source: e.into(),
+                        }));
+                    }
+                };
+                let path = entry.into_path();
+                let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
+                Some(Ok((path, relative)))
+            })
+        },
+    )
 }
 
 /// Builds a [`tree_digest`] from entries given in walk order; restore uses it to digest a
@@ -221,6 +250,14 @@ impl TreeHasher {
     pub fn dir(&mut self, relative: &Path) {
         self.end_file();
         self.entry(relative, b"d");
+        self.hasher.update([0]);
+    }
+
+    /// A symbolic link: its target is part of the digest, so a changed target is a change.
+    pub fn symlink(&mut self, relative: &Path, target: &Path) {
+        self.end_file();
+        self.entry(relative, b"l");
+        self.hasher.update(target.as_os_str().as_encoded_bytes());
         self.hasher.update([0]);
     }
 

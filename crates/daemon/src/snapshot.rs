@@ -1,6 +1,10 @@
 //! Pushing a snapshot: archive the volume, upload it, claim the next generation.
 
+mod changes;
+
 use std::path::PathBuf;
+
+pub use changes::{Assessment, ChangeCheck, Fingerprint, FULL_CHECK_EVERY};
 
 use crate::archive::{self, ArchiveError};
 use crate::failpoint;
@@ -40,45 +44,75 @@ pub enum PushOutcome {
 }
 
 /// Pushes the volume as the next generation, unless nothing changed since the last one.
-///
-/// Steps: compare the tree with the state file; check the store holds no newer generation;
-/// archive into the volume's temporary directory; upload under a fresh key; claim the
-/// generation (create-only manifest); record it in the state file; prune old generations.
+/// Reads the whole tree to tell; a periodic pusher uses [`push_with`] instead.
 pub async fn push(
     data: &DataDir,
     store: &SnapshotStore,
     keep: usize,
 ) -> Result<PushOutcome, SnapshotError> {
-    let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
-    // FIXME: detecting a change reads the whole tree; a periodic push of a large, unchanged
-    // workspace costs one full read per interval.
-    let root = data.root().to_owned();
-    let digest = tokio::task::spawn_blocking(move || tree_digest(&root)).await??;
-    if state.generation > 0 && digest == state.tree_sha256 {
-        return Ok(PushOutcome::Unchanged { generation: state.generation });
-    }
+    push_with(data, store, keep, &mut ChangeCheck::default()).await
+}
 
-    if let Some(latest) = store.latest().await? {
-        if latest.generation > state.generation {
-            return Err(SnapshotError::Stale {
-                local: state.generation,
-                remote: latest.generation,
-            });
+/// Like [`push`], with what `changes` remembers from earlier pushes: when the tree's
+/// metadata is as it was at the last snapshot, no file is read.
+///
+/// Steps: compare the tree with the state file (its metadata, or its contents when that
+/// says nothing); archive into the volume's temporary directory, digesting what is
+/// archived; check the store holds no newer generation; upload under a fresh key; claim
+/// the generation (create-only manifest); record it in the state file; prune old
+/// generations.
+pub async fn push_with(
+    data: &DataDir,
+    store: &SnapshotStore,
+    keep: usize,
+    changes: &mut ChangeCheck,
+) -> Result<PushOutcome, SnapshotError> {
+    let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
+    let unchanged = Ok(PushOutcome::Unchanged { generation: state.generation });
+
+    // 1. Taken before anything is read, so a change made meanwhile moves it again.
+    let root = data.root().to_owned();
+    let fingerprint = tokio::task::spawn_blocking(move || Fingerprint::of(&root)).await??;
+    if state.generation > 0 {
+        match changes.assess(state.generation, &fingerprint) {
+            Assessment::Unchanged => return unchanged,
+            Assessment::Moved => {}
+            Assessment::Unknown => {
+                changes.count_full_read();
+                let root = data.root().to_owned();
+                let digest = tokio::task::spawn_blocking(move || tree_digest(&root)).await??;
+                if digest == state.tree_sha256 {
+                    changes.settle(state.generation, fingerprint);
+                    return unchanged;
+                }
+            }
         }
     }
-    let generation = state.generation + 1;
 
+    // 2. The archive, and the digest of exactly what it holds.
     let archive_path = temp_archive_path(data)?;
     let (root, out) = (data.root().to_owned(), archive_path.clone());
-    let packed = tokio::task::spawn_blocking(move || archive::pack(&root, &out)).await??;
+    let packed = tokio::task::spawn_blocking(move || archive::pack(&root, &out)).await?;
+    let packed = match packed {
+        Ok(packed) => packed,
+        Err(e) => {
+            discard_archive(data, &archive_path);
+            return Err(e.into());
+        }
+    };
+    if packed.skipped > 0 {
+        tracing::warn!(skipped = packed.skipped, "snapshot leaves out special files");
+    }
+    if state.generation > 0 && packed.tree_sha256 == state.tree_sha256 {
+        discard_archive(data, &archive_path);
+        changes.settle(state.generation, fingerprint);
+        return unchanged;
+    }
     failpoint::hit("push.packed");
 
-    let key = store.new_archive_key(generation);
-    let uploaded = store.upload_archive(&archive_path, &key).await;
-    let _ = std::fs::remove_file(&archive_path);
-    // Left only when another push is running; init clears it otherwise.
-    let _ = std::fs::remove_dir(data.snapshot_tmp());
-    uploaded?;
+    let uploaded = upload(store, &state, &archive_path).await;
+    discard_archive(data, &archive_path);
+    let (generation, key) = uploaded?;
     failpoint::hit("push.uploaded");
 
     let manifest = Manifest::new(generation, key.clone(), packed.sha256, packed.size);
@@ -91,10 +125,39 @@ pub async fn push(
     }
     failpoint::hit("push.committed");
 
-    data.write_state(&State::new(generation, digest))?;
+    data.write_state(&State::new(generation, packed.tree_sha256))?;
+    changes.settle(generation, fingerprint);
     let pruned = store.prune(keep).await?;
     tracing::debug!(generation, size = packed.size, pruned, "snapshot pushed");
     Ok(PushOutcome::Pushed { generation, size: packed.size })
+}
+
+/// Checks that the store holds no generation newer than the volume's, then uploads the
+/// archive for the next one. Returns that generation and the archive's key.
+async fn upload(
+    store: &SnapshotStore,
+    state: &State,
+    archive_path: &std::path::Path,
+) -> Result<(u64, String), SnapshotError> {
+    if let Some(latest) = store.latest().await? {
+        if latest.generation > state.generation {
+            return Err(SnapshotError::Stale {
+                local: state.generation,
+                remote: latest.generation,
+            });
+        }
+    }
+    let generation = state.generation + 1;
+    let key = store.new_archive_key(generation);
+    store.upload_archive(archive_path, &key).await?;
+    Ok((generation, key))
+}
+
+/// Removes an archive once uploaded or abandoned.
+fn discard_archive(data: &DataDir, archive_path: &std::path::Path) {
+    let _ = std::fs::remove_file(archive_path);
+    // Left only when another push is running; init clears it otherwise.
+    let _ = std::fs::remove_dir(data.snapshot_tmp());
 }
 
 fn temp_archive_path(data: &DataDir) -> Result<PathBuf, LayoutError> {

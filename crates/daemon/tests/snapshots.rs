@@ -13,6 +13,8 @@ use std::time::Duration;
 use common::*;
 use harness::s3::S3Server;
 use matrixd::config::Config;
+use matrixd::layout::DataDir;
+use matrixd::snapshot::{self, ChangeCheck, PushOutcome};
 use matrixd::store::{Manifest, SnapshotStore};
 
 const BUCKET: &str = "matrix-snapshots";
@@ -65,6 +67,11 @@ fn write_workspace(root: &Path, seed: &str) {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("cortex/settings.json"), format!("{{\"seed\": \"{seed}\"}}\n"))
         .unwrap();
+    // Links: to a file, to a directory, out of the tree, dangling.
+    std::os::unix::fs::symlink("notes.md", workspace.join("notes-link")).unwrap();
+    std::os::unix::fs::symlink("project/src", workspace.join("src")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/env", workspace.join("project/env")).unwrap();
+    std::os::unix::fs::symlink(format!("gone-{seed}"), workspace.join("dangling")).unwrap();
 }
 
 fn state_generation(root: &Path) -> u64 {
@@ -96,6 +103,7 @@ async fn push_then_restore_on_a_fresh_volume_gives_the_same_tree() {
 
     assert!(out.contains("restored generation 1"), "{out}");
     assert_eq!(snapshot_tree_hash(fresh.path()), snapshot_tree_hash(source.path()));
+    assert!(fresh.path().join("workspace/src").symlink_metadata().unwrap().is_symlink());
     assert_eq!(tree_hash(fresh.path()), tree_hash(source.path()), "state files agree too");
     let before = tree_hash(fresh.path());
     run_ok(&["init"], &env);
@@ -341,4 +349,91 @@ async fn the_daemon_pushes_periodically_and_on_shutdown() {
     let reader = tempfile::tempdir().unwrap();
     run_ok(&["init"], &store.env(reader.path()));
     assert_eq!(snapshot_tree_hash(reader.path()), snapshot_tree_hash(dir.path()));
+}
+
+/// Rewrites `name` in place until `stop`: truncate, then one byte value repeated, its
+/// length a function of the value, so every state the file has is recognisable.
+fn rewrite_until(path: std::path::PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let mut round = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let value = (round % 250) as u8 + 1;
+        std::fs::write(&path, vec![value; state_length(value)]).unwrap();
+        round += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn state_length(value: u8) -> usize {
+    (1 + usize::from(value) % 5) * 64 * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_written_during_pushes_restore_each_as_one_state() {
+    let Some(store) = Store::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = store.env(dir.path());
+    run_ok(&["init"], &env);
+    let (data, client) = (DataDir::new(dir.path()), store.client());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (dir.path().join("workspace/rewritten.bin"), stop.clone());
+        std::thread::spawn(move || rewrite_until(path, stop))
+    };
+
+    let mut changes = ChangeCheck::default();
+    let mut restored = 0;
+    for _ in 0..6 {
+        let PushOutcome::Pushed { generation, .. } =
+            snapshot::push_with(&data, &client, 10, &mut changes).await.unwrap()
+        else {
+            continue;
+        };
+        let target = tempfile::tempdir().unwrap();
+        let manifest = client.manifest(generation).await.unwrap();
+        matrixd::restore::restore(&DataDir::new(target.path()), &client, &manifest).await.unwrap();
+
+        let bytes = std::fs::read(target.path().join("workspace/rewritten.bin")).unwrap();
+        if let Some(&first) = bytes.first() {
+            assert!(
+                bytes.iter().all(|&b| b == first) && bytes.len() <= state_length(first),
+                "generation {generation} mixes states ({} bytes, first {first})",
+                bytes.len()
+            );
+        }
+        restored += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(restored >= 3, "the writer kept the tree changing, so most checks pushed");
+}
+
+#[tokio::test]
+async fn a_periodic_check_of_an_unchanged_tree_reads_no_file() {
+    let Some(store) = Store::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(&["init"], &store.env(dir.path()));
+    write_workspace(dir.path(), "periodic");
+    let (data, client) = (DataDir::new(dir.path()), store.client());
+    let mut changes = ChangeCheck::default();
+
+    let first = snapshot::push_with(&data, &client, 5, &mut changes).await.unwrap();
+    assert!(matches!(first, PushOutcome::Pushed { generation: 1, .. }), "{first:?}");
+    for _ in 0..5 {
+        let again = snapshot::push_with(&data, &client, 5, &mut changes).await.unwrap();
+        assert_eq!(again, PushOutcome::Unchanged { generation: 1 });
+    }
+    assert_eq!(changes.full_reads(), 0, "unchanged metadata: no file was read");
+
+    // A change of the same size, written in place, as an editor without renames does.
+    std::fs::write(dir.path().join("workspace/notes.md"), "# notes periodix\n").unwrap();
+    let changed = snapshot::push_with(&data, &client, 5, &mut changes).await.unwrap();
+    assert!(matches!(changed, PushOutcome::Pushed { generation: 2, .. }), "{changed:?}");
+
+    // A fresh checker (a restarted daemon) reads the tree once, then settles.
+    let mut restarted = ChangeCheck::default();
+    for _ in 0..3 {
+        let again = snapshot::push_with(&data, &client, 5, &mut restarted).await.unwrap();
+        assert_eq!(again, PushOutcome::Unchanged { generation: 2 });
+    }
+    assert_eq!(restarted.full_reads(), 1);
 }

@@ -108,7 +108,8 @@ impl Daemon {
     }
 }
 
-/// A digest of every path, kind, mode and content under `root` (hidden entries included).
+/// A digest of every path, kind, mode, content and link target under `root` (hidden entries
+/// included).
 pub fn tree_hash(root: &Path) -> String {
     use std::os::unix::fs::PermissionsExt;
     let mut hasher = Sha256::new();
@@ -120,6 +121,11 @@ pub fn tree_hash(root: &Path) -> String {
         hasher.update(format!(" {:o} ", metadata.permissions().mode()).as_bytes());
         if metadata.is_file() {
             hasher.update(std::fs::read(entry.path()).expect("reading a file"));
+        }
+        if metadata.is_symlink() {
+            let target = std::fs::read_link(entry.path()).expect("reading a link");
+            hasher.update(b"-> ");
+            hasher.update(target.as_os_str().as_encoded_bytes());
         }
         hasher.update(b"\n");
     }
