@@ -1,6 +1,7 @@
 //! The HTTP API: routing, authentication, request bodies and JSON errors.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,13 +14,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::broker::{Broker, EventKind};
-use crate::config::{Mode, Secret};
-use crate::journal::{Body as EnvelopeBody, Journal, JournalError, Kind};
+use crate::broker::Broker;
+use crate::config::{Config, Mode, Secret};
+use crate::intent::{self, BeginError, Runner, Transcript};
+use crate::journal::{Journal, JournalError};
 use crate::layout::DataDir;
+use crate::link::{ExecutorLink, Refusal, SubmitError};
 use crate::model::{ModelClient, ModelError};
 
 /// Largest accepted request body.
@@ -43,41 +46,57 @@ pub struct App {
     pub model: ModelClient,
     pub journal: Journal,
     pub mode: Mode,
-    /// Set while a `/messages` intent runs (single flight).
-    busy: AtomicBool,
+    /// Where `/messages` intents run.
+    pub work: Work,
     /// Set once shutdown began: new work is refused.
     draining: AtomicBool,
-    /// Serialises writes to the transcript file.
-    transcript: Mutex<()>,
+    transcript: Arc<Transcript>,
     /// Fires when `/shutdown` is called.
     shutdown: watch::Sender<bool>,
-    /// Fires when a drain runs out of time: the running intent stops and is recorded
-    /// as `cancelled`.
-    cancel: watch::Sender<bool>,
+}
+
+/// Where intents run.
+pub enum Work {
+    /// In this process (standalone mode).
+    Local(Arc<Runner>),
+    /// In the executor process, over the executor link (dual mode's front door).
+    Remote(Arc<ExecutorLink>),
 }
 
 impl App {
+    /// The app for `config`. With `executor_socket`, intents go to the executor behind it
+    /// (the caller keeps the link up with [`ExecutorLink::maintain`]); without, they run here.
     pub fn new(
-        user_id: Uuid,
+        config: &Config,
         token: &Secret,
         data: DataDir,
-        model: ModelClient,
         journal: Journal,
-        mode: Mode,
+        executor_socket: Option<PathBuf>,
     ) -> Arc<Self> {
+        let broker = Broker::new();
+        let model = ModelClient::new(&config.model);
+        let transcript = Transcript::new(data.clone());
+        let work = match executor_socket {
+            Some(socket) => Work::Remote(ExecutorLink::new(socket, Arc::clone(&broker))),
+            None => Work::Local(Runner::new(
+                journal.clone(),
+                model.clone(),
+                Arc::clone(&transcript),
+                broker.clone(),
+            )),
+        };
         Arc::new(Self {
-            user_id,
+            user_id: config.user_id,
             token_digest: Sha256::digest(token.expose().as_bytes()).into(),
             data,
-            broker: Broker::new(),
+            broker,
             model,
             journal,
-            mode,
-            busy: AtomicBool::new(false),
+            mode: config.mode,
+            work,
             draining: AtomicBool::new(false),
-            transcript: Mutex::new(()),
+            transcript,
             shutdown: watch::Sender::new(false),
-            cancel: watch::Sender::new(false),
         })
     }
 
@@ -94,12 +113,18 @@ impl App {
     /// Stops the running intent, which records a `cancelled` envelope and then clears
     /// [`App::is_busy`]. Called once draining, so no new intent starts afterwards.
     pub fn cancel_running(&self) {
-        self.cancel.send_replace(true);
+        match &self.work {
+            Work::Local(runner) => runner.cancel(),
+            Work::Remote(link) => link.cancel(),
+        }
     }
 
     /// Whether a `/messages` intent is running.
     pub fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::SeqCst)
+        match &self.work {
+            Work::Local(runner) => runner.is_busy(),
+            Work::Remote(link) => link.is_busy(),
+        }
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -173,15 +198,17 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
 }
 
 fn healthz(app: &App) -> Response<Body> {
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "status": if app.draining.load(Ordering::SeqCst) { "draining" } else { "ok" },
-            "pid": std::process::id(),
-            "busy": app.is_busy(),
-            "broker": app.broker.stats(),
-        }),
-    )
+    let mut body = json!({
+        "status": if app.draining.load(Ordering::SeqCst) { "draining" } else { "ok" },
+        "pid": std::process::id(),
+        "busy": app.is_busy(),
+        "broker": app.broker.stats(),
+    });
+    if let Work::Remote(link) = &app.work {
+        let pid = link.executor_pid();
+        body["executor"] = json!({ "link": if pid.is_some() { "up" } else { "down" }, "pid": pid });
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,43 +242,9 @@ async fn chat(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
         Ok(message) => message,
         Err(response) => return response,
     };
-    match converse(app, &message).await {
+    match intent::converse(&app.model, &app.transcript, app.broker.as_ref(), &message).await {
         Ok(reply) => json_response(StatusCode::OK, &json!({ "reply": reply })),
         Err(e) => model_error(&e),
-    }
-}
-
-/// One conversational turn: the reply streams to `/events` as `say` events.
-async fn converse(app: &App, message: &str) -> Result<String, ModelError> {
-    app.broker.publish(EventKind::Status, json!({"state": "thinking"}).to_string());
-    let result = app
-        .model
-        .complete(message, |delta| {
-            app.broker.publish(EventKind::Say, json!({ "text": delta }).to_string());
-        })
-        .await;
-    app.broker.publish(EventKind::Status, json!({"state": "idle"}).to_string());
-    let reply = result?;
-    append_transcript(app, message, &reply).await;
-    Ok(reply)
-}
-
-async fn append_transcript(app: &App, message: &str, reply: &str) {
-    use std::io::Write;
-    let _guard = app.transcript.lock().await;
-    let path = app.data.transcript();
-    let lines = format!(
-        "{}\n{}\n",
-        json!({"role": "user", "content": message}),
-        json!({"role": "assistant", "content": reply})
-    );
-    let written = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)
-        .and_then(|mut file| file.write_all(lines.as_bytes()));
-    if let Err(e) = written {
-        tracing::warn!(path = %path.display(), error = %e, "could not append to the transcript");
     }
 }
 
@@ -286,63 +279,50 @@ async fn messages(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> 
         Ok(message) => message,
         Err(response) => return response,
     };
-    if app.busy.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-        return error(StatusCode::CONFLICT, "busy", "another message is being worked on");
-    }
-    let mut intent = match app.journal.begin(&message) {
-        Ok(intent) => intent,
-        Err(e) => {
-            app.busy.store(false, Ordering::SeqCst);
-            tracing::error!(error = %e, "could not start an intent");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "journal",
-                "could not record the intent",
-            );
+    let busy = || error(StatusCode::CONFLICT, "busy", "another message is being worked on");
+    let journal_failed =
+        || error(StatusCode::INTERNAL_SERVER_ERROR, "journal", "could not record the intent");
+
+    let intent_id = match &app.work {
+        Work::Local(runner) => match runner.begin(&message) {
+            Ok(started) => {
+                let intent_id = started.id().to_owned();
+                tokio::spawn(Arc::clone(runner).run(started));
+                intent_id
+            }
+            Err(BeginError::Busy) => return busy(),
+            Err(e @ BeginError::Journal(_)) => {
+                let error = format!("{:#}", anyhow::Error::from(e));
+                tracing::error!(error = %error, "could not start an intent");
+                return journal_failed();
+            }
+        },
+        Work::Remote(link) => {
+            if !link.try_claim() {
+                return busy();
+            }
+            match link.submit(message).await {
+                Ok(intent_id) => intent_id,
+                Err(e) => {
+                    link.release();
+                    return match e {
+                        SubmitError::Refused(Refusal::Busy) => busy(),
+                        SubmitError::Refused(Refusal::Journal) => journal_failed(),
+                        SubmitError::Refused(Refusal::Draining) => error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "draining",
+                            "the daemon is shutting down",
+                        ),
+                        SubmitError::Unavailable => error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "executor_unavailable",
+                            "the executor is restarting; try again shortly",
+                        ),
+                    };
+                }
+            }
         }
     };
-    let intent_id = intent.id.clone();
-
-    let worker = Arc::clone(app);
-    tokio::spawn(async move {
-        let app = worker;
-        let outcome = async {
-            app.journal.append(&mut intent, Kind::Running, EnvelopeBody::default())?;
-            let mut cancel = app.cancel.subscribe();
-            let (kind, body) = tokio::select! {
-                outcome = converse(&app, &message) => match outcome {
-                    Ok(reply) => {
-                        (Kind::Completed, EnvelopeBody { reply: Some(reply), ..Default::default() })
-                    }
-                    Err(e) => (
-                        Kind::Failed,
-                        EnvelopeBody { error: Some(e.to_string()), ..Default::default() },
-                    ),
-                },
-                // Dropping `converse` aborts the model call.
-                _ = cancel.wait_for(|cancelled| *cancelled) => {
-                    app.broker.publish(EventKind::Status, json!({"state": "idle"}).to_string());
-                    (Kind::Cancelled, EnvelopeBody {
-                        error: Some("the daemon shut down before the intent finished".into()),
-                        ..Default::default()
-                    })
-                }
-            };
-            app.journal.append(&mut intent, kind, body)
-        }
-        .await;
-        if let Err(e) = outcome {
-            tracing::error!(
-                intent = %intent.id,
-                error = %e,
-                "could not record the intent's outcome",
-            );
-        }
-        app.broker
-            .publish(EventKind::Notice, json!({"intent_id": intent.id, "done": true}).to_string());
-        app.busy.store(false, Ordering::SeqCst);
-    });
-
     json_response(StatusCode::ACCEPTED, &json!({ "intent_id": intent_id }))
 }
 

@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, ConfigError, Mode};
 use crate::init::{self, InitOutcome};
 use crate::layout::DataDir;
 use crate::server::{self, Background};
 use crate::snapshot::{self, PushOutcome};
 use crate::store::SnapshotStore;
-use crate::{restore, supervisor};
+use crate::supervisor::SupervisorError;
+use crate::{link, restore, supervisor};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; 64 is EX_USAGE, which the project uses).
 const EXIT_CONFIG: u8 = 64;
@@ -42,7 +43,7 @@ enum Command {
     },
     /// Run the front door and the executor as two supervised processes.
     Dual,
-    /// Run the background work (periodic snapshots) without the API; used by `dual`.
+    /// Run the intents and the periodic snapshots without the API; used by `dual`.
     Executor,
 }
 
@@ -77,7 +78,13 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, &config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let config_error = e.chain().any(|cause| cause.is::<crate::config::ConfigError>());
+            let config_error = e.chain().any(|cause| {
+                cause.is::<ConfigError>()
+                    || matches!(
+                        cause.downcast_ref::<SupervisorError>(),
+                        Some(SupervisorError::ChildConfig { .. })
+                    )
+            });
             eprintln!("matrixd: {e:#}");
             ExitCode::from(if config_error { EXIT_CONFIG } else { EXIT_FAILURE })
         }
@@ -86,6 +93,8 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
     let command = command.unwrap_or(Command::Serve { front_door: false });
+    // Every command works on the volume: a wrong MATRIX_DATA_DIR stops it here, with 64.
+    config.check_data_dir()?;
     match command {
         Command::Serve { front_door: false } if config.mode == Mode::Dual => {
             anyhow::bail!(
@@ -94,6 +103,9 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
         }
         Command::Serve { front_door } => {
             config.daemon_token()?;
+            if front_door {
+                supervisor::stop_with_supervisor()?;
+            }
             let background = if front_door { Background::Skip } else { Background::Run };
             server::serve(config, background).await?;
         }
@@ -117,12 +129,7 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
             }
         }
         Command::Snapshot { action } => {
-            let s3 = config.s3.as_ref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "snapshots are off: set S3_ENDPOINT, S3_BUCKET, S3_REGION, \
-                    S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY"
-                )
-            })?;
+            let s3 = config.s3()?;
             let store = SnapshotStore::new(s3, config.user_id)?;
             let data = DataDir::new(&config.data_dir);
             match action {
@@ -145,10 +152,34 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Dual => supervisor::supervise().await?,
-        Command::Executor => server::run_executor(config).await?,
+        Command::Dual => {
+            // The children would only fail the same way, over and over.
+            config.daemon_token()?;
+            check_executor_socket(config)?;
+            supervisor::supervise().await?
+        }
+        Command::Executor => {
+            supervisor::stop_with_supervisor()?;
+            check_executor_socket(config)?;
+            server::run_executor(config).await?
+        }
     }
     Ok(())
+}
+
+/// The executor's socket lives under the data directory; its path must fit a socket address.
+fn check_executor_socket(config: &Config) -> Result<(), ConfigError> {
+    let socket = link::socket_path(&DataDir::new(&config.data_dir));
+    if link::fits_socket_address(&socket) {
+        return Ok(());
+    }
+    Err(ConfigError::DataDir {
+        path: config.data_dir.display().to_string(),
+        problem: format!(
+            "is too long a path for dual mode: the executor socket {} must be under 108 bytes",
+            socket.display()
+        ),
+    })
 }
 
 fn init_tracing() {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -88,6 +88,10 @@ pub enum ConfigError {
     Malformed { name: &'static str, reason: String },
     #[error("S3 snapshots are partly configured: {missing} not set (set all of {all}, or none)")]
     PartialS3 { missing: String, all: String },
+    #[error("snapshots are off: set {all}")]
+    SnapshotsOff { all: String },
+    #[error("{DATA_DIR} ({path}) {problem}")]
+    DataDir { path: String, problem: String },
 }
 
 /// How the daemon runs.
@@ -184,6 +188,36 @@ impl Config {
     pub fn daemon_token(&self) -> Result<&Secret, ConfigError> {
         self.daemon_token.as_ref().ok_or(ConfigError::Missing { name: DAEMON_TOKEN })
     }
+
+    /// The snapshot store; `snapshot push` and `snapshot restore` need it.
+    pub fn s3(&self) -> Result<&S3Config, ConfigError> {
+        self.s3.as_ref().ok_or_else(|| ConfigError::SnapshotsOff { all: S3_VARIABLES.join(", ") })
+    }
+
+    /// Checks that the data directory is a directory this process can write, creating it
+    /// when missing, so a wrong [`DATA_DIR`] stops every command before it starts work.
+    /// Leaves nothing behind in it.
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        check_data_dir(&self.data_dir)
+    }
+}
+
+fn check_data_dir(path: &Path) -> Result<(), ConfigError> {
+    let refuse =
+        |problem: String| ConfigError::DataDir { path: path.display().to_string(), problem };
+    match std::fs::metadata(path) {
+        Ok(metadata) if !metadata.is_dir() => {
+            return Err(refuse("is not a directory".into()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| refuse(format!("cannot be created: {e}")))?;
+        }
+        Err(e) => return Err(refuse(format!("cannot be read: {e}"))),
+    }
+    // An unnamed temporary file: it disappears when closed.
+    tempfile::tempfile_in(path).map_err(|e| refuse(format!("is not writable: {e}")))?;
+    Ok(())
 }
 
 /// The failpoint named by [`FAILPOINT`], if any.
@@ -305,6 +339,28 @@ mod tests {
             let message = check(vars).unwrap_err().to_string();
             assert!(message.contains(name), "{message:?} should name {name}");
         }
+    }
+
+    #[test]
+    fn a_data_dir_that_is_a_file_or_missing_s3_name_the_variables() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let config = check(&[(USER_ID, USER), (DATA_DIR, file.path().to_str().unwrap())]).unwrap();
+        let message = config.check_data_dir().unwrap_err().to_string();
+        assert!(message.contains(DATA_DIR) && message.contains("not a directory"), "{message}");
+
+        let message = config.s3().unwrap_err().to_string();
+        for name in S3_VARIABLES {
+            assert!(message.contains(name), "{message:?} should name {name}");
+        }
+    }
+
+    #[test]
+    fn a_missing_data_dir_is_created_and_left_empty() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("data");
+        let config = check(&[(USER_ID, USER), (DATA_DIR, root.to_str().unwrap())]).unwrap();
+        config.check_data_dir().unwrap();
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }
 
     #[test]

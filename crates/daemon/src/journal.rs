@@ -26,6 +26,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether the intent ends with this transition.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Kind::Completed | Kind::Failed | Kind::Cancelled)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Drafting => "drafting",
@@ -180,6 +185,36 @@ impl Journal {
         text.push('\n');
         write_atomic(&path, text.as_bytes())?;
         Ok(())
+    }
+
+    /// The intents whose chain has no terminal envelope yet (a process stopped while they
+    /// ran), ready to be given one. A chain that fails verification is left alone: nothing
+    /// is appended to it.
+    pub fn unfinished(&self) -> Result<Vec<IntentWriter>, JournalError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(LayoutError::io("reading", &self.dir)(e).into()),
+        };
+        let mut unfinished = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(LayoutError::io("reading", &self.dir))?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let chain = match self.read(&id) {
+                Ok(chain) => chain,
+                Err(JournalError::NotFound(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(intent = %id, error = %e, "skipping an unreadable intent");
+                    continue;
+                }
+            };
+            let Some(last) = chain.last() else { continue };
+            if !last.kind.is_terminal() {
+                let next_seq = chain.len() as u64;
+                unfinished.push(IntentWriter { id, next_seq, prev: last.payload().hash() });
+            }
+        }
+        Ok(unfinished)
     }
 
     /// Reads and verifies intent `id`'s chain.

@@ -1,5 +1,6 @@
 //! `matrixd`: the per-user daemon. The HTTP API and SSE broker, the signed intent journal,
-//! the model client, the `/data` layout and snapshots to S3-compatible storage.
+//! the model client, the `/data` layout, snapshots to S3-compatible storage, and dual
+//! mode's supervisor, executor and the link between them.
 //!
 //! `main.rs` only calls [`cli::main`]; everything else lives here so tests can drive it.
 
@@ -10,10 +11,13 @@ pub mod archive;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod executor;
 pub mod failpoint;
 pub mod init;
+pub mod intent;
 pub mod journal;
 pub mod layout;
+pub mod link;
 pub mod model;
 pub mod restore;
 pub mod server;

@@ -1,4 +1,5 @@
-//! `matrixd serve`: bind, serve the API, snapshot periodically, drain on shutdown.
+//! `matrixd serve`: bind, serve the API, snapshot periodically, drain on shutdown; and
+//! `matrixd executor`, dual mode's process that runs the intents.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,14 +9,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::api::{self, App};
+use crate::api::{self, App, Work};
 use crate::config::Config;
-use crate::journal::Journal;
+use crate::executor::{Executor, ExecutorError, Relay};
+use crate::intent::{Runner, Transcript};
+use crate::journal::{Journal, JournalError};
 use crate::layout::DataDir;
 use crate::model::ModelClient;
-use crate::restore;
 use crate::snapshot::{self, PushOutcome};
 use crate::store::SnapshotStore;
+use crate::{link, restore};
 
 /// How long a drain waits, after cancelling, for the intent to record `cancelled`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,13 +39,17 @@ pub enum ServeError {
     },
     #[error("installing a signal handler")]
     Signal(#[source] std::io::Error),
+    #[error("recording interrupted intents as failed")]
+    Recover(#[source] JournalError),
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
 }
 
-/// Whether this process also runs the background work (snapshots).
+/// Whether this process also runs the background work (intents and snapshots).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Background {
     Run,
-    /// In dual mode the executor process does it.
+    /// In dual mode the executor process does it; this process is the front door.
     Skip,
 }
 
@@ -58,14 +65,16 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
         (Some(s3), Background::Run) => Some(SnapshotStore::new(s3, config.user_id)?),
         _ => None,
     };
-    let app = App::new(
-        config.user_id,
-        token,
-        data,
-        ModelClient::new(&config.model),
-        journal,
-        config.mode,
-    );
+    let executor_socket = (background == Background::Skip).then(|| link::socket_path(&data));
+    let app = App::new(config, token, data, journal, executor_socket);
+    match &app.work {
+        Work::Local(runner) => {
+            runner.fail_interrupted().map_err(ServeError::Recover)?;
+        }
+        Work::Remote(link) => {
+            tokio::spawn(Arc::clone(link).maintain());
+        }
+    }
 
     // 2. Bind and announce.
     let listener = TcpListener::bind(config.listen_addr)
@@ -152,23 +161,50 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
 
 /// Waits up to `timeout` for no intent to be running; whether none is.
 async fn wait_idle(app: &App, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while app.is_busy() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    !app.is_busy()
+    wait_until_idle(|| app.is_busy(), timeout).await
 }
 
-/// `matrixd executor`: the background work of dual mode, until SIGTERM or SIGINT.
+async fn wait_until_idle(is_busy: impl Fn() -> bool, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while is_busy() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    !is_busy()
+}
+
+/// `matrixd executor`: dual mode's intents and snapshots, until SIGTERM or SIGINT; then it
+/// drains as `serve` does: no new intent, the running one finishes or is cancelled, a last
+/// snapshot.
 pub async fn run_executor(config: &Config) -> Result<(), ServeError> {
+    // 1. Everything that can fail on bad config fails before the socket is bound.
     let data = DataDir::new(&config.data_dir);
+    restore::recover(&data)?;
+    data.ensure_layout()?;
     let store = match &config.s3 {
         Some(s3) => Some(SnapshotStore::new(s3, config.user_id)?),
         None => None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    tracing::info!(snapshots = store.is_some(), "matrixd executor started");
+
+    // 2. Listen for the front door.
+    let journal = Journal::new(data.journal(), data.signing_key()?);
+    let relay = Relay::new();
+    let runner = Runner::new(
+        journal,
+        ModelClient::new(&config.model),
+        Transcript::new(data.clone()),
+        relay.clone(),
+    );
+    let (executor, listener) = Executor::start(runner, relay, link::socket_path(&data))?;
+    let serving = tokio::spawn(Arc::clone(&executor).serve(listener));
+    tracing::info!(
+        pid = std::process::id(),
+        snapshots = store.is_some(),
+        "matrixd executor started"
+    );
+
+    // 3. Background snapshots.
     let work = async {
         match (&store, config.snapshot_interval) {
             (Some(store), Some(interval)) => {
@@ -182,6 +218,23 @@ pub async fn run_executor(config: &Config) -> Result<(), ServeError> {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
+
+    // 4. Drain.
+    tracing::info!("matrixd executor draining");
+    executor.start_draining();
+    let runner = executor.runner();
+    if !wait_until_idle(|| runner.is_busy(), config.drain_timeout).await {
+        tracing::warn!(
+            drain.timeout_secs = config.drain_timeout.as_secs(),
+            "an intent was still running at the end of the drain; cancelling it"
+        );
+        runner.cancel();
+        if !wait_until_idle(|| runner.is_busy(), CANCEL_TIMEOUT).await {
+            tracing::error!("the running intent did not record its cancellation");
+        }
+    }
+    serving.abort();
+    executor.close().await;
     if let Some(store) = &store {
         push_once(&data, store, config.snapshot_keep).await;
     }

@@ -1,10 +1,9 @@
 //! `matrixd dual`: run the API front door (`matrixd serve --front-door`) and the executor
-//! (`matrixd executor`) as two processes, restart either when it crashes, and forward
-//! SIGTERM (or SIGINT) to both for a graceful drain. A child that exits cleanly (the front
-//! door after `POST /shutdown`) stops the other and the supervisor.
-//!
-//! FIXME: the executor runs only the background snapshots; intents still run inside the
-//! front door's process.
+//! (`matrixd executor`, which runs the intents and the snapshots) as two processes, restart
+//! either when it crashes, and forward SIGTERM (or SIGINT) to both for a graceful drain. A
+//! child that exits cleanly (the front door after `POST /shutdown`) stops the other and the
+//! supervisor. A child that refuses its configuration (exit 64) would refuse it again: the
+//! supervisor stops the other and exits 64 too.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,6 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 const RESTART_DELAY: Duration = Duration::from_millis(500);
 /// How long the children get to drain before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
+/// The status a child exits with when its configuration is wrong.
+const EXIT_CONFIG: i32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -30,6 +31,8 @@ pub enum SupervisorError {
     CurrentExe(#[source] std::io::Error),
     #[error("installing a signal handler")]
     Signal(#[source] std::io::Error),
+    #[error("the {role} refused its configuration (see its message above)")]
+    ChildConfig { role: &'static str },
 }
 
 struct Role {
@@ -52,6 +55,7 @@ pub async fn supervise() -> Result<(), SupervisorError> {
 
     let mut terminate = signal(SignalKind::terminate()).map_err(SupervisorError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(SupervisorError::Signal)?;
+    let mut outcome = Ok(());
     loop {
         let (front, executor) = roles.split_at_mut(1);
         let (index, status) = tokio::select! {
@@ -64,6 +68,11 @@ pub async fn supervise() -> Result<(), SupervisorError> {
         // A clean exit is a drain that finished (`POST /shutdown`): stop the other one too.
         if status.as_ref().is_ok_and(|s| s.success()) {
             tracing::info!(role = role.name, "child finished draining; stopping");
+            break;
+        }
+        if status.as_ref().is_ok_and(|s| s.code() == Some(EXIT_CONFIG)) {
+            tracing::error!(role = role.name, "child refused its configuration; stopping");
+            outcome = Err(SupervisorError::ChildConfig { role: role.name });
             break;
         }
         tracing::warn!(role = role.name, status = ?status, "child exited; restarting it");
@@ -84,7 +93,16 @@ pub async fn supervise() -> Result<(), SupervisorError> {
             let _ = role.child.kill().await;
         }
     }
-    Ok(())
+    outcome
+}
+
+/// Makes this process (a child of `matrixd dual`) receive SIGTERM, and so drain, when the
+/// supervisor dies without stopping it (SIGKILL, out of memory): no child outlives it.
+/// A supervisor that dies before this call leaves the child running; the window is the
+/// child's first instructions.
+pub fn stop_with_supervisor() -> Result<(), SupervisorError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .map_err(|errno| SupervisorError::Signal(errno.into()))
 }
 
 fn spawn(exe: &PathBuf, role: &'static str, args: &[&str]) -> Result<Child, SupervisorError> {
