@@ -5,7 +5,11 @@
 //! - `GET /admin/users`: every record
 //! - `GET /admin/users/{id}`: one record with the machine's current state
 //! - `POST /admin/users/{id}`: provision (idempotent)
-//! - `DELETE /admin/users/{id}`: destroy the machine and the volume, then the record
+//! - `DELETE /admin/users/{id}`: destroy the machine and the volume, then the record;
+//!   `"volume": "orphaned"` in the answer when the volume was left to the sweep
+//!
+//! Every admin call first sweeps the volumes earlier deprovisions left behind
+//! ([`crate::deprovision`]).
 
 use std::sync::Arc;
 
@@ -24,6 +28,7 @@ pub async fn handle(
 ) -> Result<Response<RouterBody>, ApiError> {
     let Some(expected) = state.admin_token.as_deref() else { return Err(ApiError::not_found()) };
     require_bearer(req.headers(), expected)?;
+    crate::deprovision::sweep(state.fleet.fly(), state.fleet.store(), &state.metrics).await;
 
     let path = req.uri().path().trim_end_matches('/');
     let user = match path.strip_prefix("/admin/users") {
@@ -79,33 +84,6 @@ async fn deprovision(state: &AppState, user: Uuid) -> Result<Response<RouterBody
             "no machine for this user",
         ));
     };
-    let fly = state.fleet.fly();
-    let gone = |e: &machines::FlyError| e.is_not_found();
-    let fly_failed = |e: machines::FlyError| {
-        ApiError::upstream(StatusCode::BAD_GATEWAY, "fly_api_failed", crate::fleet::FLY_FAILED)
-            .with_detail(error_chain(&e))
-    };
-    // Machine first: a volume cannot be destroyed while mounted.
-    if let Err(e) = fly.delete_machine(&record.machine_id, true, None).await {
-        if !gone(&e) {
-            return Err(fly_failed(e));
-        }
-    }
-    state.fleet.forget_ready(&record.machine_id);
-    if !record.volume_id.is_empty() {
-        // FIXME: Fly keeps a volume bound until the machine's destroy finishes; a failure here
-        // leaves an orphan volume that only an operator removes.
-        if let Err(e) = fly.delete_volume(&record.volume_id).await {
-            if !gone(&e) {
-                tracing::warn!(
-                    volume.id = %record.volume_id,
-                    error = %error_chain(&e),
-                    "volume not deleted",
-                );
-            }
-        }
-    }
-    store.delete(user).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
-    state.fleet.forget_user(user);
-    Ok(ok_json(serde_json::json!({ "deleted": record })))
+    let volume = crate::deprovision::deprovision(&state.fleet, &state.metrics, &record).await?;
+    Ok(ok_json(serde_json::json!({ "deleted": record, "volume": volume })))
 }

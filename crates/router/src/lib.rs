@@ -11,6 +11,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod daemon_token;
+pub mod deprovision;
 pub mod drain;
 pub mod error;
 pub mod fleet;
@@ -138,6 +139,7 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
 
     let serve = server::serve(listener, tls.config, state, config.limits.clone(), drain.clone());
     drain.spawn(serve);
-    let tasks = vec![tokio::spawn(fleet.run_idle_suspender())];
+    let sweeper = deprovision::run_sweeper(fleet.clone(), metrics.clone());
+    let tasks = vec![tokio::spawn(fleet.run_idle_suspender()), tokio::spawn(sweeper)];
     Ok(RunningRouter { addr, fingerprint: tls.fingerprint, metrics, drain, tasks })
 }

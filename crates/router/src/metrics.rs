@@ -19,6 +19,8 @@ pub struct Metrics {
     provisions: AtomicU64,
     suspends: AtomicU64,
     active_streams: AtomicI64,
+    volumes_orphaned: AtomicU64,
+    orphaned_volumes_deleted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -59,6 +61,16 @@ impl Metrics {
 
     pub fn suspended(&self) {
         self.suspends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A deprovision left a volume behind for the sweep.
+    pub fn volume_orphaned(&self) {
+        self.volumes_orphaned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sweep deleted an orphaned volume.
+    pub fn orphaned_volume_deleted(&self) {
+        self.orphaned_volumes_deleted.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn stream_opened(&self) {
@@ -103,6 +115,16 @@ impl Metrics {
                 self.load(&self.provisions),
             ),
             ("matrix_router_suspends_total", "Idle machines suspended.", self.load(&self.suspends)),
+            (
+                "matrix_router_volumes_orphaned_total",
+                "Volumes a deprovision could not delete, left to the sweep.",
+                self.load(&self.volumes_orphaned),
+            ),
+            (
+                "matrix_router_orphaned_volumes_deleted_total",
+                "Orphaned volumes the sweep deleted.",
+                self.load(&self.orphaned_volumes_deleted),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");

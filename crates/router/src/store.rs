@@ -15,6 +15,7 @@ use uuid::Uuid;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_user_machines.sql")),
     (2, include_str!("../migrations/0002_machine_activity.sql")),
+    (3, include_str!("../migrations/0003_orphaned_volumes.sql")),
 ];
 
 /// Advisory lock key for migrations ("matrix-router migrations").
@@ -350,5 +351,88 @@ fn from_row(row: &tokio_postgres::Row) -> UserMachine {
         machine_id: row.get(1),
         volume_id: row.get(2),
         region: row.get(3),
+    }
+}
+
+/// A volume a deprovision left behind, waiting for the sweep.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OrphanedVolume {
+    pub volume_id: String,
+    pub machine_id: String,
+    pub user_id: Uuid,
+    pub attempts: i32,
+}
+
+impl Store {
+    /// Records a volume the deprovision of `user_id` could not delete. Recording it twice
+    /// keeps the first record.
+    pub async fn record_orphaned_volume(
+        &self,
+        volume_id: &str,
+        machine_id: &str,
+        user_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "INSERT INTO orphaned_volumes (volume_id, machine_id, user_id, attempts)
+             VALUES ($1, $2, $3, 1) ON CONFLICT (volume_id) DO NOTHING",
+            &[&volume_id, &machine_id, &user_id],
+        )
+        .await
+        .map(drop)
+        .map_err(|source| StoreError::Query { operation: "recording an orphaned volume", source })
+    }
+
+    /// Up to `limit` orphaned volumes, the least recently tried first.
+    pub async fn orphaned_volumes(&self, limit: i64) -> Result<Vec<OrphanedVolume>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT volume_id, machine_id, user_id, attempts FROM orphaned_volumes
+                 ORDER BY last_tried_at LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(|source| StoreError::Query {
+                operation: "listing orphaned volumes",
+                source,
+            })?;
+        Ok(rows
+            .iter()
+            .map(|row| OrphanedVolume {
+                volume_id: row.get(0),
+                machine_id: row.get(1),
+                user_id: row.get(2),
+                attempts: row.get(3),
+            })
+            .collect())
+    }
+
+    /// The volume is gone: forget it.
+    pub async fn forget_orphaned_volume(&self, volume_id: &str) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute("DELETE FROM orphaned_volumes WHERE volume_id = $1", &[&volume_id])
+            .await
+            .map(drop)
+            .map_err(|source| StoreError::Query {
+                operation: "forgetting an orphaned volume",
+                source,
+            })
+    }
+
+    /// One more failed delete of an orphaned volume.
+    pub async fn orphaned_volume_failed(&self, volume_id: &str) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "UPDATE orphaned_volumes SET attempts = attempts + 1, last_tried_at = now()
+             WHERE volume_id = $1",
+            &[&volume_id],
+        )
+        .await
+        .map(drop)
+        .map_err(|source| StoreError::Query {
+            operation: "recording a failed volume delete",
+            source,
+        })
     }
 }

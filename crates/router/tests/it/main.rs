@@ -5,6 +5,7 @@
 mod binary;
 mod bodies;
 mod deploys;
+mod deprovision;
 mod fleet;
 mod http2;
 mod hygiene;
