@@ -219,3 +219,65 @@ impl Runner {
         Ok(unfinished.len())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn runner(data: &DataDir) -> Arc<Runner> {
+        data.ensure_layout().unwrap();
+        let journal = Journal::new(data.journal(), data.signing_key().unwrap());
+        let model =
+            ModelClient::new(&ModelConfig { base_url: None, api_key: None, model: "local".into() });
+        Runner::new(journal, model, Transcript::new(data.clone()), Broker::new())
+    }
+
+    fn kinds(data: &DataDir, id: &str) -> Vec<Kind> {
+        let journal = Journal::new(data.journal(), data.signing_key().unwrap());
+        journal.read(id).unwrap().iter().map(|e| e.kind).collect()
+    }
+
+    #[tokio::test]
+    async fn an_intent_left_running_by_a_dead_process_is_recorded_as_failed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let journal = Journal::new(data.journal(), {
+            data.ensure_layout().unwrap();
+            data.signing_key().unwrap()
+        });
+        let mut interrupted = journal.begin("cut short").unwrap();
+        journal.append(&mut interrupted, Kind::Running, Body::default()).unwrap();
+        let mut done = journal.begin("finished").unwrap();
+        journal.append(&mut done, Kind::Running, Body::default()).unwrap();
+        journal.append(&mut done, Kind::Completed, Body::default()).unwrap();
+
+        let runner = runner(&data);
+        assert_eq!(runner.fail_interrupted().unwrap(), 1);
+        assert_eq!(runner.fail_interrupted().unwrap(), 0, "a second start finds nothing");
+
+        assert_eq!(kinds(&data, &interrupted.id), [Kind::Drafting, Kind::Running, Kind::Failed]);
+        assert_eq!(kinds(&data, &done.id), [Kind::Drafting, Kind::Running, Kind::Completed]);
+        let chain = journal.read(&interrupted.id).unwrap();
+        assert_eq!(chain[2].body.error.as_deref(), Some(INTERRUPTED));
+    }
+
+    #[tokio::test]
+    async fn one_intent_at_a_time_and_a_failed_model_call_ends_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let runner = runner(&data);
+
+        let started = runner.begin("first").unwrap();
+        assert!(matches!(runner.begin("second"), Err(BeginError::Busy)));
+        assert_eq!(runner.running().as_deref(), Some(started.id()));
+
+        // No provider configured: the model call fails and the chain records why.
+        let id = started.id().to_owned();
+        Arc::clone(&runner).run(started).await;
+        assert!(!runner.is_busy());
+        assert_eq!(kinds(&data, &id), [Kind::Drafting, Kind::Running, Kind::Failed]);
+        assert!(runner.begin("third").is_ok());
+    }
+}

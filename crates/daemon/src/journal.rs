@@ -200,6 +200,10 @@ impl Journal {
         for entry in entries {
             let entry = entry.map_err(LayoutError::io("reading", &self.dir))?;
             let id = entry.file_name().to_string_lossy().into_owned();
+            // Most intents are over: their file names say so without reading the chain.
+            if has_terminal_file(&entry.path()) {
+                continue;
+            }
             let chain = match self.read(&id) {
                 Ok(chain) => chain,
                 Err(JournalError::NotFound(_)) => continue,
@@ -252,6 +256,18 @@ impl Journal {
         }
         Ok(envelopes)
     }
+}
+
+/// Whether the intent directory `dir` holds a terminal envelope's file.
+fn has_terminal_file(dir: &Path) -> bool {
+    let terminal = [Kind::Completed, Kind::Failed, Kind::Cancelled]
+        .map(|kind| format!("-{}.json", kind.name()));
+    let Ok(files) = std::fs::read_dir(dir) else { return false };
+    files.flatten().any(|file| {
+        let name = file.file_name();
+        let name = name.to_string_lossy();
+        !name.starts_with('.') && terminal.iter().any(|suffix| name.ends_with(suffix.as_str()))
+    })
 }
 
 fn verify(
