@@ -286,3 +286,52 @@ async fn a_killed_supervisor_takes_its_children_with_it() {
     })
     .await;
 }
+
+/// The machine's entrypoint in dual mode: boots, serves, stops on `/shutdown`; a second
+/// boot leaves the same volume.
+#[test]
+fn the_entrypoint_runs_dual_mode_and_a_second_boot_leaves_the_same_volume() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut env = base_env(data.path());
+    env.insert("MATRIX_MODE".into(), "dual".into());
+    let script = harness::tools::workspace_root().join("deploy/daemon/entrypoint.sh");
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", matrixd().parent().unwrap().display());
+
+    let mut hashes = Vec::new();
+    for _ in 0..2 {
+        let mut child = std::process::Command::new("bash")
+            .arg(&script)
+            .env_clear()
+            .envs(&env)
+            .env("PATH", &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().unwrap().unwrap();
+        let url = line.strip_prefix("matrixd listening on ").expect(&line).to_owned();
+        let health = (0..1000)
+            .find_map(|_| {
+                let health: Value =
+                    ureq::get(&format!("{url}/healthz")).call().unwrap().into_json().unwrap();
+                if health["executor"]["link"] == "up" {
+                    return Some(health);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                None
+            })
+            .expect("the executor link comes up within 20 s");
+        assert_ne!(health["executor"]["pid"], health["pid"]);
+
+        let response = ureq::post(&format!("{url}/shutdown"))
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        hashes.push(tree_hash(data.path()));
+    }
+    assert_eq!(hashes[0], hashes[1]);
+}
