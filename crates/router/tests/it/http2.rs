@@ -110,16 +110,29 @@ async fn a_websocket_over_http2_echoes_through_the_router() {
     // The router's SETTINGS, which allow extended CONNECT, arrive with its first answer.
     echo(&env, &mut sender, &token).await;
 
-    let connect = |token: &str| {
-        let mut req = request(&env, Method::CONNECT, "/ws", token);
+    let connect_to = |path: &str, token: &str| {
+        let mut req = request(&env, Method::CONNECT, path, token);
         req.headers_mut().insert("sec-websocket-version", "13".parse().expect("value"));
         req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
         req
     };
+    let connect = |token: &str| connect_to("/ws", token);
 
-    // Authenticated like any request: a bad token is refused and opens nothing.
+    // Authenticated like any request: a bad token is refused and opens nothing, and so is
+    // the session cookie from a foreign origin (WebSocket hijacking).
     let refused = sender.send_request(connect("not.a.jwt")).await.expect("refused CONNECT");
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let mut hijack = connect("unused");
+    hijack.headers_mut().remove("authorization");
+    let cookie = crate::hygiene::session_cookie(&env, Uuid::new_v4());
+    hijack.headers_mut().insert("cookie", cookie.parse().expect("cookie"));
+    hijack.headers_mut().insert("origin", "https://evil.example".parse().expect("origin"));
+    let refused = sender.send_request(hijack).await.expect("refused CONNECT");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+    // A daemon route that does not switch protocols opens no tunnel.
+    let plain = sender.send_request(connect_to("/echo", &token)).await.expect("CONNECT /echo");
+    assert_eq!(plain.status(), StatusCode::BAD_GATEWAY);
 
     let mut response = sender.send_request(connect(&token)).await.expect("extended CONNECT");
     assert_eq!(response.status(), StatusCode::OK);
@@ -138,6 +151,8 @@ async fn a_websocket_over_http2_echoes_through_the_router() {
     socket.send(Message::binary(vec![0u8, 1, 2, 255])).await.expect("send binary");
     let echoed = socket.next().await.expect("a reply").expect("reply");
     assert_eq!(echoed, Message::binary(vec![0u8, 1, 2, 255]));
+    // Nor the connection: it still takes new requests.
+    echo(&env, &mut sender, &token).await;
     assert!(!closed.is_finished(), "the connection was closed under an open WebSocket");
     socket.close(None).await.expect("close");
 }

@@ -8,7 +8,7 @@ use crate::support::{Options, TestEnv, ALLOWED_ORIGIN};
 const FOREIGN_ORIGIN: &str = "https://evil.example";
 
 /// A session cookie for `user`, as `@supabase/ssr` writes it.
-fn session_cookie(env: &TestEnv, user: Uuid) -> String {
+pub fn session_cookie(env: &TestEnv, user: Uuid) -> String {
     let session = serde_json::json!({"access_token": env.token(user), "refresh_token": "r"});
     let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(session.to_string());
     format!("sb-abcdefgh-auth-token=base64-{encoded}")
