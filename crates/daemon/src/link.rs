@@ -293,3 +293,109 @@ impl ExecutorLink {
 pub fn fits_socket_address(path: &Path) -> bool {
     path.as_os_str().len() < 108
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// The executor's end, played by the test.
+    struct FakeExecutor {
+        lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+        write: tokio::net::unix::OwnedWriteHalf,
+    }
+
+    impl FakeExecutor {
+        async fn accept(listener: &UnixListener, hello: Reply) -> Self {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            write_line(&mut write, &hello).await.unwrap();
+            Self { lines: BufReader::new(read).lines(), write }
+        }
+
+        async fn send(&mut self, reply: Reply) {
+            write_line(&mut self.write, &reply).await.unwrap();
+        }
+
+        async fn receive(&mut self) -> Request {
+            let line = self.lines.next_line().await.unwrap().unwrap();
+            serde_json::from_str(&line).unwrap()
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    fn start() -> (tempfile::TempDir, UnixListener, Arc<ExecutorLink>, Arc<Broker>) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("executor.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let broker = Broker::new();
+        let link = ExecutorLink::new(socket, Arc::clone(&broker));
+        tokio::spawn(Arc::clone(&link).maintain());
+        (dir, listener, link, broker)
+    }
+
+    #[tokio::test]
+    async fn a_submission_relays_its_events_and_frees_the_flight_when_finished() {
+        let (_dir, listener, link, broker) = start();
+        let mut subscription = broker.subscribe(None);
+        let mut executor =
+            FakeExecutor::accept(&listener, Reply::Hello { pid: 42, running: None }).await;
+        until("the link is up", || link.executor_pid() == Some(42)).await;
+
+        assert!(link.try_claim());
+        assert!(!link.try_claim(), "single flight");
+        let submitted = tokio::spawn({
+            let link = Arc::clone(&link);
+            async move { link.submit("hello".into()).await }
+        });
+        assert_eq!(executor.receive().await, Request::Submit { message: "hello".into() });
+        executor.send(Reply::Accepted { intent_id: "i1".into() }).await;
+        assert_eq!(submitted.await.unwrap().unwrap(), "i1");
+
+        executor.send(Reply::Event { kind: "say".into(), data: "{\"text\":\"hi\"}".into() }).await;
+        let event = subscription.live.recv().await.unwrap();
+        assert_eq!(
+            (event.id, event.kind, event.data.as_str()),
+            (1, EventKind::Say, "{\"text\":\"hi\"}")
+        );
+        assert!(link.is_busy());
+
+        executor.send(Reply::Finished { intent_id: "i1".into() }).await;
+        until("the flight is free", || !link.is_busy()).await;
+    }
+
+    #[tokio::test]
+    async fn a_broken_link_frees_the_flight_and_a_new_executor_says_what_runs() {
+        let (_dir, listener, link, broker) = start();
+        let mut subscription = broker.subscribe(None);
+        let executor =
+            FakeExecutor::accept(&listener, Reply::Hello { pid: 7, running: Some("i1".into()) })
+                .await;
+        until("the link is up", || link.executor_pid() == Some(7)).await;
+        assert!(link.is_busy(), "hello said an intent runs");
+
+        drop(executor);
+        until("the link is down", || link.executor_pid().is_none()).await;
+        assert!(!link.is_busy());
+        let notice = subscription.live.recv().await.unwrap();
+        assert_eq!(notice.kind, EventKind::Notice);
+        assert!(notice.data.contains("i1") && notice.data.contains(INTERRUPTED), "{notice:?}");
+        assert!(matches!(link.submit("x".into()).await, Err(SubmitError::Unavailable)));
+
+        let mut executor =
+            FakeExecutor::accept(&listener, Reply::Hello { pid: 8, running: None }).await;
+        until("the link is back", || link.executor_pid() == Some(8)).await;
+        link.cancel();
+        assert_eq!(executor.receive().await, Request::Cancel);
+    }
+}
