@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Pause before restarting a process that died, so a crash loop does not spin.
+/// FIXME: a child that fails at every start is restarted at this pace forever: no backoff.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
 /// How long the children get to drain before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
