@@ -216,4 +216,21 @@ mod tests {
         expected.extend_from_slice(ROUTER_SET);
         check(&inbound, &expected);
     }
+
+    #[test]
+    fn the_daemon_cannot_widen_cors_or_pass_hop_by_hop_fields() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "text/event-stream"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("connection", "close"),
+            ("upgrade", "websocket"),
+        ] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        response_headers(&mut headers, false);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+    }
 }
