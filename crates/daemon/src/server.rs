@@ -247,16 +247,20 @@ async fn snapshot_loop(data: DataDir, store: SnapshotStore, keep: usize, interva
     // After a suspend (SIGSTOP) one push catches up; missed ticks are not replayed.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    // Remembers the tree's metadata at the last snapshot, so an unchanged tree is not read.
+    let mut changes = snapshot::ChangeCheck::default();
     loop {
         ticker.tick().await;
-        push_once(&data, &store, keep).await;
+        log_push(snapshot::push_with(&data, &store, keep, &mut changes).await);
     }
 }
 
 async fn push_once(data: &DataDir, store: &SnapshotStore, keep: usize) {
-    // FIXME: the archive is taken while requests may write; a write during packing lands in
-    // the next snapshot, but a file can be captured half-written.
-    match snapshot::push(data, store, keep).await {
+    log_push(snapshot::push(data, store, keep).await);
+}
+
+fn log_push(pushed: Result<PushOutcome, snapshot::SnapshotError>) {
+    match pushed {
         Ok(PushOutcome::Pushed { generation, size }) => {
             tracing::debug!(generation, size, "periodic snapshot pushed");
         }
