@@ -62,7 +62,11 @@ impl Transcript {
             .open(&path)
             .and_then(|mut file| file.write_all(lines.as_bytes()));
         if let Err(e) = written {
-            tracing::warn!(path = %path.display(), error = %e, "could not append to the transcript");
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "could not append to the transcript",
+            );
         }
     }
 }
@@ -179,7 +183,11 @@ impl Runner {
     pub async fn run(self: Arc<Self>, started: Started) {
         let Started { mut writer, message } = started;
         if let Err(e) = self.drive(&mut writer, &message).await {
-            tracing::error!(intent = %writer.id, error = %e, "could not record the intent's outcome");
+            tracing::error!(
+                intent = %writer.id,
+                error = %e,
+                "could not record the intent's outcome",
+            );
         }
         self.events
             .publish(EventKind::Notice, json!({"intent_id": writer.id, "done": true}).to_string());

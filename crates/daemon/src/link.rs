@@ -186,7 +186,8 @@ impl ExecutorLink {
         loop {
             match UnixStream::connect(&self.socket).await {
                 Ok(stream) => {
-                    tracing::debug!(link.socket = %self.socket.display(), "executor link connected");
+                    let socket = self.socket.display();
+                    tracing::debug!(link.socket = %socket, "executor link connected");
                     let ended = self.run_connection(stream).await;
                     self.link_down();
                     tracing::warn!(reason = %ended, "executor link down; reconnecting");
