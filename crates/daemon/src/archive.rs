@@ -14,10 +14,11 @@
 //! something already there. So an archive cannot place anything outside its root.
 
 mod capture;
+mod digest;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -203,14 +204,30 @@ impl<R: Read> Read for HashingReader<'_, R> {
 /// [`tree_digest`](crate::layout::tree_digest), computed on the way.
 pub fn unpack(archive: &Path, dest: &Path) -> Result<String, ArchiveError> {
     let file = File::open(archive).map_err(io_err("opening", archive))?;
-    unpack_from(BufReader::new(file), dest)
+    unpack_from(BufReader::with_capacity(UNPACK_CHUNK, file), dest)
 }
 
 /// Like [`unpack`], reading the compressed archive from `reader`.
-pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveError> {
-    let decoder = zstd::Decoder::new(reader).map_err(io_err("decompressing", dest))?;
+///
+/// Two threads: this one decompresses and writes; a second digests what was written, so
+/// the digest costs the restore no time on a machine with a spare core.
+pub fn unpack_from(reader: impl BufRead, dest: &Path) -> Result<String, ArchiveError> {
+    std::thread::scope(|scope| {
+        let (feed, digesting) = digest::start(scope);
+        let unpacked = unpack_entries(reader, dest, feed);
+        let digest = digesting.join().expect("the digest thread does not panic");
+        unpacked.map(|()| digest)
+    })
+}
+
+fn unpack_entries(
+    reader: impl BufRead,
+    dest: &Path,
+    feed: digest::Feed,
+) -> Result<(), ArchiveError> {
+    let decoder = zstd::Decoder::with_buffer(reader).map_err(io_err("decompressing", dest))?;
     let mut tar = tar::Archive::new(decoder);
-    let mut unpacker = Unpacker::new(dest);
+    let mut unpacker = Unpacker::new(dest, feed);
     let reading = io_err("reading the archive for", dest);
     for entry in tar.entries().map_err(reading)? {
         let mut entry = entry.map_err(io_err("reading the archive for", dest))?;
@@ -235,26 +252,18 @@ pub fn unpack_from(reader: impl Read, dest: &Path) -> Result<String, ArchiveErro
     unpacker.finish()
 }
 
-/// Writes entries under `dest`, digesting them in archive order.
+/// Writes entries under `dest`, feeding them to the digest in archive order.
 struct Unpacker<'a> {
     dest: &'a Path,
-    digest: TreeHasher,
+    feed: digest::Feed,
     links: HashSet<PathBuf>,
     dirs: Vec<(PathBuf, u32)>,
     files: Vec<PathBuf>,
-    buffer: Vec<u8>,
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(dest: &'a Path) -> Self {
-        Self {
-            dest,
-            digest: TreeHasher::new(),
-            links: HashSet::new(),
-            dirs: Vec::new(),
-            files: Vec::new(),
-            buffer: vec![0; UNPACK_CHUNK],
-        }
+    fn new(dest: &'a Path, feed: digest::Feed) -> Self {
+        Self { dest, feed, links: HashSet::new(), dirs: Vec::new(), files: Vec::new() }
     }
 
     /// Refuses `path` when it or a directory above it is a link this archive made: writing
@@ -269,7 +278,7 @@ impl<'a> Unpacker<'a> {
     fn dir(&mut self, path: &Path, mode: u32) -> Result<(), ArchiveError> {
         let target = self.dest.join(path);
         std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
-        self.digest.dir(path);
+        self.feed.dir(path);
         self.dirs.push((target, mode));
         Ok(())
     }
@@ -278,7 +287,7 @@ impl<'a> Unpacker<'a> {
         let target = self.dest.join(path);
         self.create_parent(&target)?;
         std::os::unix::fs::symlink(link_target, &target).map_err(io_err("creating", &target))?;
-        self.digest.symlink(path, link_target);
+        self.feed.symlink(path, link_target);
         self.links.insert(path.to_owned());
         Ok(())
     }
@@ -298,19 +307,20 @@ impl<'a> Unpacker<'a> {
             .mode(0o600)
             .open(&target)
             .map_err(io_err("creating", &target))?;
-        self.digest.begin_file(path, mode & 0o111 != 0);
+        self.feed.file(path, mode & 0o111 != 0);
         loop {
-            let read = contents
-                .read(&mut self.buffer)
-                .map_err(io_err("reading the archive for", &target))?;
-            if read == 0 {
+            let mut chunk = self.feed.spare_chunk();
+            let filled =
+                fill(contents, &mut chunk).map_err(io_err("reading the archive for", &target))?;
+            if filled == 0 {
                 break;
             }
-            self.digest.update(&self.buffer[..read]);
-            out.write_all(&self.buffer[..read]).map_err(io_err("writing", &target))?;
+            out.write_all(&chunk[..filled]).map_err(io_err("writing", &target))?;
+            self.feed.bytes(chunk, filled);
         }
         out.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_err("setting the mode of", &target))?;
+        start_writeback(&out);
         self.files.push(target);
         Ok(())
     }
@@ -322,10 +332,9 @@ impl<'a> Unpacker<'a> {
         }
     }
 
-    /// Makes everything durable and returns the digest.
-    fn finish(mut self) -> Result<String, ArchiveError> {
-        // Synced at the end rather than one by one, so the disk writes back while the rest
-        // is still being decompressed.
+    /// Makes everything durable.
+    fn finish(mut self) -> Result<(), ArchiveError> {
+        // Written back since each file was closed; these mostly wait for the journal.
         for file in &self.files {
             File::open(file).and_then(|f| f.sync_all()).map_err(io_err("syncing", file))?;
         }
@@ -338,9 +347,31 @@ impl<'a> Unpacker<'a> {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
         }
         let dest = self.dest;
-        File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))?;
-        Ok(self.digest.finish())
+        File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))
     }
+}
+
+/// Reads until `buffer` is full or the input ends; returns the bytes read.
+fn fill(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Asks the kernel to start writing `file` back now, so the sync at the end waits less.
+/// `POSIX_FADV_DONTNEED` starts writeback of dirty pages (and drops clean ones from the
+/// cache); advice only, so a refusal is ignored.
+fn start_writeback(file: &File) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    use std::os::fd::AsRawFd;
+    let _ = posix_fadvise(file.as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 fn refused(path: &Path, reason: &'static str) -> ArchiveError {

@@ -63,8 +63,7 @@ async fn download_and_unpack(
 ) -> Result<String, SnapshotError> {
     let (sender, receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
     let unpacking = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader { receiver, current: bytes::Bytes::new() };
-        archive::unpack_from(std::io::BufReader::with_capacity(1 << 20, reader), &tree)
+        archive::unpack_from(ChannelReader { receiver, current: bytes::Bytes::new() }, &tree)
     });
     let downloaded = store.download(manifest, sender).await;
     let unpacked = unpacking.await?;
@@ -80,7 +79,8 @@ async fn download_and_unpack(
 /// Chunks in flight between the download and the unpacker.
 const CHANNEL_CHUNKS: usize = 16;
 
-/// Reads the bytes sent through a channel; the end of the channel is the end of input.
+/// Reads the bytes sent through a channel, chunk by chunk without copying them; the end of
+/// the channel is the end of input.
 struct ChannelReader {
     receiver: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     current: bytes::Bytes,
@@ -88,15 +88,27 @@ struct ChannelReader {
 
 impl std::io::Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = std::io::BufRead::fill_buf(self)?;
+        let count = buf.len().min(available.len());
+        buf[..count].copy_from_slice(&available[..count]);
+        std::io::BufRead::consume(self, count);
+        Ok(count)
+    }
+}
+
+impl std::io::BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.current.is_empty() {
             match self.receiver.blocking_recv() {
                 Some(chunk) => self.current = chunk,
-                None => return Ok(0),
+                None => break,
             }
         }
-        let count = buf.len().min(self.current.len());
-        buf[..count].copy_from_slice(&self.current.split_to(count));
-        Ok(count)
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        bytes::Buf::advance(&mut self.current, amount);
     }
 }
 

@@ -251,7 +251,20 @@ async fn snapshot_loop(data: DataDir, store: SnapshotStore, keep: usize, interva
     let mut changes = snapshot::ChangeCheck::default();
     loop {
         ticker.tick().await;
-        log_push(snapshot::push_with(&data, &store, keep, &mut changes).await);
+        // A task of its own, so that aborting this loop at shutdown never stops a push
+        // between claiming a generation and recording it; the shutdown push waits for it.
+        let (data, store, mut moved) = (data.clone(), store.clone(), std::mem::take(&mut changes));
+        let push = tokio::spawn(async move {
+            let pushed = snapshot::push_with(&data, &store, keep, &mut moved).await;
+            (pushed, moved)
+        });
+        match push.await {
+            Ok((pushed, kept)) => {
+                changes = kept;
+                log_push(pushed);
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot push task failed"),
+        }
     }
 }
 

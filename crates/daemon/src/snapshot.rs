@@ -30,6 +30,9 @@ pub enum SnapshotError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Held for the whole of a push.
+static PUSHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -67,6 +70,9 @@ pub async fn push_with(
     keep: usize,
     changes: &mut ChangeCheck,
 ) -> Result<PushOutcome, SnapshotError> {
+    // One push at a time in this process: a periodic push still running when the shutdown
+    // push starts must finish and record its generation first.
+    let _pushing = PUSHING.lock().await;
     let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
     let unchanged = Ok(PushOutcome::Unchanged { generation: state.generation });
 

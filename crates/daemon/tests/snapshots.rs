@@ -375,8 +375,10 @@ async fn files_written_during_pushes_restore_each_as_one_state() {
     run_ok(&["init"], &env);
     let (data, client) = (DataDir::new(dir.path()), store.client());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let path = dir.path().join("workspace/rewritten.bin");
+    std::fs::write(&path, vec![1; state_length(1)]).unwrap();
     let writer = {
-        let (path, stop) = (dir.path().join("workspace/rewritten.bin"), stop.clone());
+        let stop = stop.clone();
         std::thread::spawn(move || rewrite_until(path, stop))
     };
 

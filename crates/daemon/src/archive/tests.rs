@@ -190,6 +190,10 @@ impl Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let workspace = root.join("workspace");
         let mut threads = Vec::new();
+        for name in ["renamed.bin", "rewritten.bin"] {
+            std::fs::write(workspace.join(name), vec![value(0); length_of(value(0))]).unwrap();
+        }
+        std::fs::write(workspace.join("appended.txt"), "").unwrap();
 
         // Replaces its file by renaming a new one over it, as `matrixd` writes.
         let (dir, halt) = (workspace.clone(), Arc::clone(&stop));
@@ -267,7 +271,6 @@ fn files_written_during_packing_are_archived_each_as_one_state() {
     let (source, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     tree(source.path());
     let writers = Writers::start(source.path());
-    std::thread::sleep(Duration::from_millis(20));
 
     for round in 0..40 {
         let archive = out.path().join(format!("{round}.tar.zst"));
