@@ -72,6 +72,9 @@ pub struct Packed {
 
 /// Writes the archive of `root`'s snapshot directories to `out`. Large files are spooled
 /// beside `out` while they are read.
+///
+/// FIXME: consistent per file, not across files: two files another process writes while
+/// the walk runs can be archived from different moments (each of them whole).
 pub fn pack(root: &Path, out: &Path) -> Result<Packed, ArchiveError> {
     let file = File::create(out).map_err(io_err("creating", out))?;
     let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));

@@ -52,8 +52,8 @@ pub async fn restore(
     Ok(())
 }
 
-// FIXME: restore reaches 0.50–0.74 of a raw GET of the same bytes, short of the 0.8 target
-// (docs/benchmarks.md, "Where restore's time goes").
+// FIXME: restore meets 0.8 of a raw GET of the same bytes only when the machine has CPU to
+// spare; with the load average at 5 on two cores it measured 0.63-0.89 (docs/benchmarks.md).
 /// Downloads and unpacks at once: the download feeds a bounded channel that a blocking
 /// thread decompresses and unpacks from. Returns the tree digest.
 async fn download_and_unpack(
