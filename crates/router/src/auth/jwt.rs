@@ -7,6 +7,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::jwks::JwksCache;
+use super::verified::VerifiedTokens;
 use super::MAX_TOKEN_BYTES;
 use crate::config::AuthConfig;
 
@@ -67,6 +68,8 @@ impl TokenError {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    /// Checked by `jsonwebtoken`; read here to bound the verified-token cache.
+    exp: f64,
     role: String,
     #[serde(default)]
     is_anonymous: bool,
@@ -78,6 +81,7 @@ pub struct Verifier {
     issuer: String,
     leeway: u64,
     allow_anonymous: bool,
+    verified: VerifiedTokens,
 }
 
 impl Verifier {
@@ -88,6 +92,7 @@ impl Verifier {
             issuer: config.issuer.clone(),
             leeway: config.leeway_secs,
             allow_anonymous: config.allow_anonymous,
+            verified: VerifiedTokens::new(),
         }
     }
 
@@ -96,6 +101,19 @@ impl Verifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
+        let cache_key = VerifiedTokens::key(token);
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(user) = self.verified.get(&cache_key, now) {
+            return Ok(user);
+        }
+
+        let (user, exp) = self.verify_signed(token).await?;
+        self.verified.insert(cache_key, user, exp.saturating_add(self.leeway));
+        Ok(user)
+    }
+
+    /// Checks the signature and the claims: the user id and the token's `exp`.
+    async fn verify_signed(&self, token: &str) -> Result<(Uuid, u64), TokenError> {
         // `alg: none` and unknown algorithms fail here: jsonwebtoken has no such variant.
         let header = decode_header(token).map_err(|_| TokenError::Header)?;
 
@@ -116,7 +134,8 @@ impl Verifier {
         let claims = decode::<Claims>(token, &key, &self.validation(algorithm))
             .map_err(TokenError::Invalid)?
             .claims;
-        self.check_claims(&claims)
+        let user = self.check_claims(&claims)?;
+        Ok((user, claims.exp as u64))
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {

@@ -9,6 +9,7 @@ mod cookie;
 pub mod cors;
 mod jwks;
 mod jwt;
+mod verified;
 
 use std::sync::Arc;
 
