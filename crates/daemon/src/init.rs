@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::layout::{tree_digest, DataDir, LayoutError};
 use crate::restore;
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{self, SnapshotError};
 use crate::store::SnapshotStore;
 
 /// What `init` did.
@@ -42,6 +42,9 @@ pub async fn init(config: &Config) -> Result<InitOutcome, SnapshotError> {
     let mut outcome = None;
     if let Some(s3) = &config.s3 {
         let store = SnapshotStore::new(s3, config.user_id)?;
+        if data.read_state()?.is_some() {
+            snapshot::pending::settle(&data, &store).await?;
+        }
         if let Some(latest) = store.latest().await? {
             outcome = Some(match local_generation(&data, latest.generation)? {
                 Local::Clean(local) if latest.generation > local => {

@@ -8,6 +8,7 @@
 //!   workspace/          the user's files
 //!   .restore/           a restore in progress (see restore.rs); never part of a snapshot
 //!   .snapshot-tmp/      archives being uploaded; never part of a snapshot
+//!   .push-pending.json  a generation being claimed, until the state file records it
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -110,6 +111,10 @@ impl DataDir {
 
     pub fn snapshot_tmp(&self) -> PathBuf {
         self.root.join(".snapshot-tmp")
+    }
+
+    pub fn pending_push(&self) -> PathBuf {
+        self.root.join(".push-pending.json")
     }
 
     /// Creates whatever part of the layout is missing and leaves the rest untouched, so a

@@ -1,6 +1,7 @@
 //! Pushing a snapshot: archive the volume, upload it, claim the next generation.
 
 mod changes;
+pub mod pending;
 
 use std::path::PathBuf;
 
@@ -73,6 +74,7 @@ pub async fn push_with(
     // One push at a time in this process: a periodic push still running when the shutdown
     // push starts must finish and record its generation first.
     let _pushing = PUSHING.lock().await;
+    pending::settle(data, store).await?;
     let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
     let unchanged = Ok(PushOutcome::Unchanged { generation: state.generation });
 
@@ -121,17 +123,28 @@ pub async fn push_with(
     let (generation, key) = uploaded?;
     failpoint::hit("push.uploaded");
 
-    let manifest = Manifest::new(generation, key.clone(), packed.sha256, packed.size);
+    let manifest = Manifest::new(generation, key.clone(), packed.sha256.clone(), packed.size);
+    let claim = pending::Pending {
+        generation,
+        sha256: packed.sha256,
+        tree_sha256: packed.tree_sha256.clone(),
+    };
+    pending::record(data, &claim)?;
     if let Err(error) = store.commit(&manifest).await {
-        // The archive is ours alone; nothing references it now.
-        if let Err(cleanup) = store.delete(&key).await {
-            tracing::warn!(key, error = %cleanup, "could not delete an unclaimed archive");
+        // Refused: the archive is ours alone and nothing references it. Any other error
+        // leaves the claim recorded, since the store may have taken it.
+        if let StoreError::GenerationTaken { .. } = error {
+            pending::clear(data)?;
+            if let Err(cleanup) = store.delete(&key).await {
+                tracing::warn!(key, error = %cleanup, "could not delete an unclaimed archive");
+            }
         }
         return Err(error.into());
     }
     failpoint::hit("push.committed");
 
     data.write_state(&State::new(generation, packed.tree_sha256))?;
+    pending::clear(data)?;
     changes.settle(generation, fingerprint);
     let pruned = store.prune(keep).await?;
     tracing::debug!(generation, size = packed.size, pruned, "snapshot pushed");

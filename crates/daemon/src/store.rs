@@ -155,6 +155,18 @@ impl SnapshotStore {
         Ok(manifest)
     }
 
+    /// Generation `generation`'s manifest, or `None` when no one has claimed it.
+    pub async fn manifest_if_claimed(
+        &self,
+        generation: u64,
+    ) -> Result<Option<Manifest>, StoreError> {
+        match self.manifest(generation).await {
+            Ok(manifest) => Ok(Some(manifest)),
+            Err(StoreError::Request { source: S3Error::HttpFailWithBody(404, _), .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Uploads the archive at `path` to `key` and checks the stored size.
     pub async fn upload_archive(&self, path: &Path, key: &str) -> Result<u64, StoreError> {
         let mut file = tokio::fs::File::open(path).await.map_err(io("opening", path))?;

@@ -439,3 +439,40 @@ async fn a_periodic_check_of_an_unchanged_tree_reads_no_file() {
     }
     assert_eq!(restarted.full_reads(), 1);
 }
+
+#[tokio::test]
+async fn a_push_killed_after_claiming_its_generation_is_recorded_by_the_next_run() {
+    let Some(store) = Store::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = store.env(dir.path());
+    run_ok(&["init"], &env);
+    write_workspace(dir.path(), "claimed");
+
+    // Killed after the store took generation 1, before the state file said so.
+    let kill_after_claim = |env: &mut BTreeMap<String, String>| {
+        env.insert("MATRIX_FAILPOINT".into(), "push.committed".into());
+        let killed = run(&["snapshot", "push"], env);
+        assert_eq!(killed.status.signal(), Some(9), "{}", String::from_utf8_lossy(&killed.stderr));
+        env.remove("MATRIX_FAILPOINT");
+    };
+    kill_after_claim(&mut env);
+    assert_eq!(store.generations().await, [1]);
+    assert_eq!(state_generation(dir.path()), 0);
+
+    // The next push knows generation 1 for its own, instead of refusing it as newer.
+    let out = run_ok(&["snapshot", "push"], &env);
+    assert!(out.contains("unchanged since generation 1"), "{out}");
+    assert_eq!(state_generation(dir.path()), 1);
+
+    // So does the next init, instead of keeping "local changes" against it.
+    std::fs::write(dir.path().join("workspace/second.txt"), "2").unwrap();
+    kill_after_claim(&mut env);
+    assert_eq!(store.generations().await, [1, 2]);
+    let out = run_ok(&["init"], &env);
+    assert!(out.contains("ready at generation 2"), "{out}");
+
+    std::fs::write(dir.path().join("workspace/third.txt"), "3").unwrap();
+    run_ok(&["snapshot", "push"], &env);
+    assert_eq!(store.generations().await, [1, 2, 3]);
+    assert!(!dir.path().join(".push-pending.json").exists());
+}
