@@ -2,13 +2,16 @@
 //! straight and through the router; and a wake through the router against the emulator's
 //! own resume time.
 //!
-//! `cargo build --workspace --bins && cargo bench -p matrix-router --bench proxy`
+//! `cargo build --release -p matrix-router -p harness --bins && cargo bench -p matrix-router \
+//! --bench proxy`
 //!
-//! Everything runs on loopback and stops by itself (a few seconds per phase). The load
-//! generator, the router, the upstream and the emulator share the machine's cores, so the
-//! figures are for comparing, not absolute capacities.
+//! The router runs as its own process (the release `matrix-router`), as in production; the
+//! load generator (this process), the router, the upstream and the emulator share the
+//! machine's cores, so besides requests per second the bench prints the CPU time each process
+//! spent per request (from `/proc/<pid>/stat`), which does not depend on who else runs.
+//! Everything runs on loopback and stops by itself (a few seconds per phase).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use machines::emulator::{Emulator, EmulatorConfig, ImageMap, ImageSpec};
 use machines::types::{MachineState, WaitState};
 use machines::FlyClient;
-use matrix_router::config::{self, Config};
+use matrix_router::config;
 
 const FLY_TOKEN: &str = "bench-token";
 const APP: &str = "matrix-bench";
@@ -24,7 +27,7 @@ const IMAGE: &str = "matrix/bench-daemon:latest";
 const JWT_SECRET: &str = "bench-legacy-jwt-secret-with-at-least-32-chars";
 const ISSUER: &str = "https://benchbench.supabase.co/auth/v1";
 const LATENCY_REQUESTS: usize = 2000;
-const THROUGHPUT_CONNECTIONS: usize = 16;
+const THROUGHPUT_CONNECTIONS: usize = 64;
 const THROUGHPUT_TIME: Duration = Duration::from_secs(4);
 const WAKES: usize = 8;
 
@@ -47,8 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let emulator = Emulator::start(emulator_config).await?;
     let fly = FlyClient::new(&emulator.url(), FLY_TOKEN, APP)?;
 
-    let config = router_config(&pg.url(), &emulator.url())?;
-    let router = matrix_router::start(config).await?;
+    let router = RouterProcess::start(&pg.url(), &emulator.url(), None)?;
     let user = uuid::Uuid::new_v4();
     let jwt = user_token(user)?;
 
@@ -91,18 +93,49 @@ async fn main() -> anyhow::Result<()> {
         ms(direct_latency.p99),
         ms(routed_latency.p99)
     );
-    let direct_rps = throughput(&client, &direct).await;
-    let routed_rps = throughput(&client, &routed).await;
+    let upstream_pid = pid_of(&upstream)?;
+    let processes = [std::process::id(), router.guard.id(), upstream_pid];
+    let direct_run = throughput(&client, &direct, processes).await?;
+    let routed_run = throughput(&client, &routed, processes).await?;
     println!(
-        "| requests/s, {THROUGHPUT_CONNECTIONS} connections, {}s | {direct_rps:.0} | \
-            {routed_rps:.0} |",
-        THROUGHPUT_TIME.as_secs()
+        "| requests/s, {THROUGHPUT_CONNECTIONS} connections, {}s | {:.0} | {:.0} |",
+        THROUGHPUT_TIME.as_secs(),
+        direct_run.rps,
+        routed_run.rps
     );
+    for (i, name) in ["load generator", "router", "upstream"].iter().enumerate() {
+        println!(
+            "| CPU per request: {name} | {:.1} µs | {:.1} µs |",
+            direct_run.cpu_us_per_request[i], routed_run.cpu_us_per_request[i]
+        );
+    }
     println!();
+    // The same runs with the router on a core of its own, as on its own machine in
+    // production, and everything else (load generator, upstream) on the other core.
+    let pinned = pin(std::process::id(), router.guard.id(), upstream_pid)?;
+    if pinned {
+        let direct_pinned = throughput(&client, &direct, processes).await?;
+        let routed_pinned = throughput(&client, &routed, processes).await?;
+        println!(
+            "| requests/s, router on a core of its own, the rest on the other | {:.0} | {:.0} |",
+            direct_pinned.rps, routed_pinned.rps
+        );
+        unpin(&[std::process::id(), router.guard.id(), upstream_pid])?;
+        println!();
+        println!(
+            "router on its own core: {:.0}% of direct",
+            100.0 * routed_pinned.rps / direct_pinned.rps
+        );
+    }
+    let router_cpu = routed_run.cpu_us_per_request[1];
+    let upstream_cpu = direct_run.cpu_us_per_request[2];
     println!(
-        "added p50 latency: {:.3} ms; router throughput: {:.0}% of direct",
+        "added p50 latency: {:.3} ms; router throughput: {:.0}% of direct; one core serves \
+         {:.0} requests/s through the router, {:.0} straight from the upstream",
         ms(routed_latency.p50.saturating_sub(direct_latency.p50)),
-        100.0 * routed_rps / direct_rps
+        100.0 * routed_run.rps / direct_run.rps,
+        1e6 / router_cpu,
+        1e6 / upstream_cpu,
     );
 
     let (resume, wake) =
@@ -144,7 +177,18 @@ async fn latency(client: &reqwest::Client, target: &Target) -> anyhow::Result<La
     Ok(Latency { p50: samples[samples.len() / 2], p99: samples[samples.len() * 99 / 100] })
 }
 
-async fn throughput(client: &reqwest::Client, target: &Target) -> f64 {
+struct Run {
+    rps: f64,
+    /// CPU time (user + system) per successful request, for each process measured.
+    cpu_us_per_request: Vec<f64>,
+}
+
+async fn throughput(
+    client: &reqwest::Client,
+    target: &Target,
+    processes: [u32; 3],
+) -> anyhow::Result<Run> {
+    let cpu_before = processes.map(cpu_time);
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + THROUGHPUT_TIME;
     let workers: Vec<_> = (0..THROUGHPUT_CONNECTIONS)
@@ -164,7 +208,85 @@ async fn throughput(client: &reqwest::Client, target: &Target) -> f64 {
     for worker in workers {
         let _ = worker.await;
     }
-    done.load(Ordering::Relaxed) as f64 / THROUGHPUT_TIME.as_secs_f64()
+    let requests = done.load(Ordering::Relaxed) as f64;
+    anyhow::ensure!(requests > 0.0, "no request to {} succeeded", target.url);
+    let cpu_us_per_request = processes
+        .iter()
+        .zip(cpu_before)
+        .map(|(&pid, before)| Ok((cpu_time(pid)? - before?).as_secs_f64() * 1e6 / requests))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Run { rps: requests / THROUGHPUT_TIME.as_secs_f64(), cpu_us_per_request })
+}
+
+/// User plus system CPU time a process (all its threads) has used so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it are space-separated.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?.parse()?)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let total = ticks(11)? + ticks(12)?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+}
+
+/// Puts the router on the last CPU and the other processes on the rest; false (and nothing
+/// changed) on a machine with one CPU.
+fn pin(bench: u32, router: u32, upstream: u32) -> anyhow::Result<bool> {
+    let cpus = std::thread::available_parallelism()?.get();
+    if cpus < 2 {
+        println!("one CPU: the pinned runs are skipped");
+        return Ok(false);
+    }
+    let mut router_set = nix::sched::CpuSet::new();
+    router_set.set(cpus - 1)?;
+    let mut rest = nix::sched::CpuSet::new();
+    for cpu in 0..cpus - 1 {
+        rest.set(cpu)?;
+    }
+    set_affinity(router, &router_set)?;
+    set_affinity(bench, &rest)?;
+    set_affinity(upstream, &rest)?;
+    Ok(true)
+}
+
+fn unpin(pids: &[u32]) -> anyhow::Result<()> {
+    let mut all = nix::sched::CpuSet::new();
+    for cpu in 0..std::thread::available_parallelism()?.get() {
+        all.set(cpu)?;
+    }
+    for &pid in pids {
+        set_affinity(pid, &all)?;
+    }
+    Ok(())
+}
+
+/// Sets the CPU affinity of every thread of a process.
+fn set_affinity(pid: u32, cpus: &nix::sched::CpuSet) -> anyhow::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus)?;
+    }
+    Ok(())
+}
+
+/// The process running `program` (the emulator started it for the machine).
+fn pid_of(program: &std::path::Path) -> anyhow::Result<u32> {
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == program) {
+            return Ok(pid);
+        }
+    }
+    anyhow::bail!("no process runs {}", program.display())
 }
 
 async fn send(client: &reqwest::Client, target: &Target) -> anyhow::Result<()> {
@@ -190,9 +312,7 @@ async fn wakes(
     database_url: &str,
     fly_url: &str,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let mut config = router_config(database_url, fly_url)?;
-    config.wake.idle_suspend = Duration::from_secs(1);
-    let router = matrix_router::start(config).await?;
+    let router = RouterProcess::start(database_url, fly_url, Some(Duration::from_secs(1)))?;
     let target = Target {
         url: format!("https://{}/echo", router.addr),
         authorization: routed.authorization.clone(),
@@ -271,29 +391,52 @@ fn user_token(user: uuid::Uuid) -> anyhow::Result<String> {
     Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?)
 }
 
-fn router_config(database_url: &str, fly_url: &str) -> anyhow::Result<Config> {
-    let template = harness::tools::workspace_root().join("deploy/daemon/fly.toml.tmpl");
-    let vars: HashMap<String, String> = [
-        (config::ROUTER_LISTEN_ADDR, "127.0.0.1:0".to_owned()),
-        (config::ROUTER_DEV_MODE, "true".to_owned()),
-        (config::SUPABASE_URL, "https://benchbench.supabase.co".to_owned()),
-        (config::SUPABASE_JWT_SECRET, JWT_SECRET.to_owned()),
-        // Nothing listens here; HS256 tokens never need the key set.
-        (config::SUPABASE_JWKS_URL, "http://127.0.0.1:9/jwks.json".to_owned()),
-        (config::DATABASE_URL, database_url.to_owned()),
-        (config::FLY_API_URL, fly_url.to_owned()),
-        (config::FLY_API_TOKEN, FLY_TOKEN.to_owned()),
-        (config::FLY_APP_NAME, APP.to_owned()),
-        (config::FLY_REGION, "local".to_owned()),
-        (config::ROUTER_DAEMON_IMAGE, IMAGE.to_owned()),
-        (config::ROUTER_DAEMON_TEMPLATE, template.display().to_string()),
-        (
-            config::ROUTER_DAEMON_TOKEN_SECRET,
-            "bench-daemon-token-secret-0123456789abcdef".to_owned(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    Ok(Config::from_map(&vars)?)
+/// The release `matrix-router` as its own process, configured through its environment.
+struct RouterProcess {
+    addr: std::net::SocketAddr,
+    guard: harness::process::ChildGuard,
+}
+
+impl RouterProcess {
+    fn start(
+        database_url: &str,
+        fly_url: &str,
+        idle_suspend: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let binary = harness::tools::workspace_root().join("target/release/matrix-router");
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: run `cargo build --release -p matrix-router -p harness --bins`",
+            binary.display()
+        );
+        let addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", harness::process::free_port()).parse()?;
+        let template = harness::tools::workspace_root().join("deploy/daemon/fly.toml.tmpl");
+        let mut command = std::process::Command::new(binary);
+        command
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env(config::ROUTER_LISTEN_ADDR, addr.to_string())
+            .env(config::ROUTER_DEV_MODE, "true")
+            .env(config::SUPABASE_URL, "https://benchbench.supabase.co")
+            .env(config::SUPABASE_JWT_SECRET, JWT_SECRET)
+            // Nothing listens here; HS256 tokens never need the key set.
+            .env(config::SUPABASE_JWKS_URL, "http://127.0.0.1:9/jwks.json")
+            .env(config::DATABASE_URL, database_url)
+            .env(config::FLY_API_URL, fly_url)
+            .env(config::FLY_API_TOKEN, FLY_TOKEN)
+            .env(config::FLY_APP_NAME, APP)
+            .env(config::FLY_REGION, "local")
+            .env(config::ROUTER_DAEMON_IMAGE, IMAGE)
+            .env(config::ROUTER_DAEMON_TEMPLATE, template)
+            .env(config::ROUTER_DAEMON_TOKEN_SECRET, "bench-daemon-token-secret-0123456789abcdef")
+            .stdout(std::process::Stdio::null());
+        if let Some(idle) = idle_suspend {
+            command.env(config::ROUTER_IDLE_SUSPEND_SECS, idle.as_secs().to_string());
+        }
+        let mut guard = harness::process::ChildGuard::spawn("matrix-router", &mut command)?;
+        harness::process::wait_for_port(addr, Duration::from_secs(30))?;
+        guard.check_running()?;
+        Ok(Self { addr, guard })
+    }
 }
