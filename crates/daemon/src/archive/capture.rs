@@ -1,13 +1,15 @@
 //! Reading one file as one state it had, while other writers may be changing it.
 //!
 //! A file is copied to a spool (memory for small files, an unnamed temporary file beside
-//! the archive for large ones) between two `fstat`s of the same open file. When size,
-//! mtime or ctime moved, a writer touched it during the copy and it is read again. Writes
-//! that replace a file by renaming (as `matrixd` writes) never touch the open inode, and
-//! appends always change the size, so both are caught exactly. An in-place rewrite that
-//! keeps the size is caught by the timestamps; on kernels without fine-grained timestamps
-//! (before Linux 6.13 on ext4, xfs, btrfs and tmpfs) a rewrite within the same clock tick
-//! as the first `fstat` can go unseen.
+//! the archive for large ones) between two `fstat`s of the same open file. When size, mtime
+//! or ctime moved, a writer touched it during the copy and it is read again. Writes that
+//! replace a file by renaming (as `matrixd` writes) never touch the open inode, and appends
+//! always change the size, so both are caught exactly. A file that only grew while it was
+//! read (a log being appended to) is taken as it was at the first `fstat`, once its first
+//! bytes read the same a second time, so a busy log does not stop a push. An in-place
+//! rewrite that keeps the size is caught by the timestamps; on kernels without fine-grained
+//! timestamps (before Linux 6.13 on ext4, xfs, btrfs and tmpfs) a rewrite within the same
+//! clock tick as the first `fstat` can go unseen.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -19,6 +21,8 @@ use nix::fcntl::OFlag;
 
 use super::{io_err, ArchiveError};
 
+/// Bytes compared at a time when a grown file's first bytes are read again.
+const CHUNK: usize = 1 << 20;
 /// Files up to this size are spooled in memory.
 const MEMORY_SPOOL_MAX: u64 = 16 << 20;
 /// Reads of a file that keeps changing before the push gives up on it.
@@ -70,6 +74,12 @@ impl Capture {
             if copied == before.len() && unchanged(&before, &after) {
                 return Ok(Some(self.captured(before.mode(), before.len(), path)?));
             }
+            // Appended to while read (a log): the file as it was at the first fstat, if its
+            // first bytes read the same again.
+            let grew = after.len() > before.len() && copied >= before.len();
+            if grew && self.prefix_unchanged(&mut file, before.len(), path)? {
+                return Ok(Some(self.captured(before.mode(), before.len(), path)?));
+            }
 
             tracing::debug!(path = %path.display(), attempt, "file changed while read; again");
             std::thread::sleep(pause);
@@ -96,13 +106,43 @@ impl Capture {
 
     fn captured(&mut self, mode: u32, len: u64, path: &Path) -> Result<Captured<'_>, ArchiveError> {
         let bytes: Box<dyn Read + '_> = if len <= MEMORY_SPOOL_MAX {
-            Box::new(&self.memory[..])
+            Box::new(&self.memory[..len as usize])
         } else {
             let spool = self.file.as_mut().expect("a large file was spooled to the file");
             spool.rewind().map_err(io_err("spooling", path))?;
             Box::new(spool.take(len))
         };
         Ok(Captured { mode, len, bytes })
+    }
+
+    /// Whether the first `len` bytes of `file` are still those in the spool.
+    fn prefix_unchanged(
+        &mut self,
+        file: &mut File,
+        len: u64,
+        path: &Path,
+    ) -> Result<bool, ArchiveError> {
+        let mut now = vec![0; CHUNK];
+        let mut then = vec![0; CHUNK];
+        file.rewind().map_err(io_err("reading", path))?;
+        let mut now_reader = file.take(len);
+        let mut then_reader: Box<dyn Read + '_> = if len <= MEMORY_SPOOL_MAX {
+            Box::new(&self.memory[..len as usize])
+        } else {
+            let spool = self.file.as_mut().expect("a large file was spooled to the file");
+            spool.rewind().map_err(io_err("spooling", path))?;
+            Box::new(spool.take(len))
+        };
+        loop {
+            let read = now_reader.read(&mut now).map_err(io_err("reading", path))?;
+            if read == 0 {
+                return Ok(true);
+            }
+            then_reader.read_exact(&mut then[..read]).map_err(io_err("spooling", path))?;
+            if now[..read] != then[..read] {
+                return Ok(false);
+            }
+        }
     }
 
     /// The large-file spool, emptied.

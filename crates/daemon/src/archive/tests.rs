@@ -322,3 +322,34 @@ fn entries_outside_the_snapshot_directories_are_refused() {
     assert!(check_entry(Path::new("workspace/a/b.txt"), EntryType::Regular).is_ok());
     assert!(check_entry(Path::new("workspace/a/link"), EntryType::Symlink).is_ok());
 }
+
+#[test]
+fn a_log_appended_to_without_pause_is_archived_as_it_was_at_one_moment() {
+    let (source, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tree(source.path());
+    let log = source.path().join("workspace/busy.log");
+    std::fs::write(&log, "").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let appender = {
+        let (log, stop) = (log.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut file = OpenOptions::new().append(true).open(log).unwrap();
+            let mut line = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                file.write_all(format!("{line:08}\n").as_bytes()).unwrap();
+                line += 1;
+            }
+        })
+    };
+
+    for round in 0..10 {
+        let archive = out.path().join(format!("{round}.tar.zst"));
+        pack(source.path(), &archive).unwrap();
+        let dest = out.path().join(format!("{round}"));
+        unpack(&archive, &dest).unwrap();
+        let bytes = std::fs::read(dest.join("workspace/busy.log")).unwrap();
+        assert_one_state("appended.txt", &bytes, round);
+    }
+    stop.store(true, Ordering::Relaxed);
+    appender.join().unwrap();
+}
