@@ -7,14 +7,19 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Pause before restarting a process that died, so a crash loop does not spin.
-/// FIXME: a child that fails at every start is restarted at this pace forever: no backoff.
+/// Pause before restarting a process that died, doubled at each crash in a row up to
+/// [`MAX_RESTART_DELAY`], so a crash loop does not spin.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// A child that ran this long before it died is restarted after [`RESTART_DELAY`] again.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// Tells a child which process supervises it, so it can tell it was orphaned at birth.
+const SUPERVISOR_PID_ENV: &str = "MATRIX_SUPERVISOR_PID";
 /// How long the children get to drain before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 /// The status a child exits with when its configuration is wrong.
@@ -34,12 +39,29 @@ pub enum SupervisorError {
     Signal(#[source] std::io::Error),
     #[error("the {role} refused its configuration (see its message above)")]
     ChildConfig { role: &'static str },
+    #[error("the supervisor exited while this process started")]
+    Orphaned,
 }
 
 struct Role {
     name: &'static str,
     args: &'static [&'static str],
     child: Child,
+    started: Instant,
+    /// Crashes in a row, each after less than [`STABLE_RUN`].
+    crashes: u32,
+}
+
+impl Role {
+    /// How long to wait before restarting this child after it died now.
+    fn restart_delay(&mut self) -> Duration {
+        if self.started.elapsed() >= STABLE_RUN {
+            self.crashes = 0;
+        }
+        let delay = RESTART_DELAY.saturating_mul(1 << self.crashes.min(10));
+        self.crashes += 1;
+        delay.min(MAX_RESTART_DELAY)
+    }
 }
 
 /// Supervises until SIGTERM or SIGINT; returns once both children have exited.
@@ -50,7 +72,7 @@ pub async fn supervise() -> Result<(), SupervisorError> {
         [("front door", &["serve", "--front-door"][..]), ("executor", &["executor"][..])]
     {
         let child = spawn(&exe, name, args)?;
-        roles.push(Role { name, args, child });
+        roles.push(Role { name, args, child, started: Instant::now(), crashes: 0 });
     }
     tracing::info!("matrixd supervisor started");
 
@@ -76,9 +98,21 @@ pub async fn supervise() -> Result<(), SupervisorError> {
             outcome = Err(SupervisorError::ChildConfig { role: role.name });
             break;
         }
-        tracing::warn!(role = role.name, status = ?status, "child exited; restarting it");
-        tokio::time::sleep(RESTART_DELAY).await;
+        let delay = role.restart_delay();
+        tracing::warn!(
+            role = role.name,
+            status = ?status,
+            crashes_in_a_row = role.crashes,
+            restart_in_ms = delay.as_millis() as u64,
+            "child exited; restarting it",
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
         role.child = spawn(&exe, role.name, role.args)?;
+        role.started = Instant::now();
     }
 
     tracing::info!("matrixd supervisor stopping");
@@ -99,18 +133,41 @@ pub async fn supervise() -> Result<(), SupervisorError> {
 
 /// Makes this process (a child of `matrixd dual`) receive SIGTERM, and so drain, when the
 /// supervisor dies without stopping it (SIGKILL, out of memory): no child outlives it.
-/// A supervisor that dies before this call leaves the child running; the window is the
-/// child's first instructions.
+/// A supervisor that died before this call is no longer this process's parent: the child
+/// then refuses to start.
 pub fn stop_with_supervisor() -> Result<(), SupervisorError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-        .map_err(|errno| SupervisorError::Signal(errno.into()))
+        .map_err(|errno| SupervisorError::Signal(errno.into()))?;
+    let supervisor = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
+    match supervisor {
+        Some(pid) if nix::unistd::getppid().as_raw() != pid => Err(SupervisorError::Orphaned),
+        _ => Ok(()),
+    }
 }
 
 fn spawn(exe: &PathBuf, role: &'static str, args: &[&str]) -> Result<Child, SupervisorError> {
     Command::new(exe)
         .args(args)
+        .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| SupervisorError::Spawn { role, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn restarts_back_off_and_reset_after_a_stable_run() {
+        let child = Command::new("true").spawn().unwrap();
+        let mut role = Role { name: "test", args: &[], child, started: Instant::now(), crashes: 0 };
+        let delays: Vec<_> = (0..9).map(|_| role.restart_delay().as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+
+        role.started = Instant::now() - STABLE_RUN;
+        assert_eq!(role.restart_delay(), RESTART_DELAY);
+        let _ = role.child.wait().await;
+    }
 }

@@ -335,3 +335,19 @@ fn the_entrypoint_runs_dual_mode_and_a_second_boot_leaves_the_same_volume() {
     }
     assert_eq!(hashes[0], hashes[1]);
 }
+
+#[test]
+fn a_child_whose_supervisor_is_already_gone_refuses_to_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = base_env(data.path());
+    // This test's process is not the named supervisor: as if the supervisor had died and the
+    // child had been handed to another parent before it could ask to die with it.
+    env.insert("MATRIX_SUPERVISOR_PID".into(), "1".into());
+    run_ok(&["init"], &env);
+    for args in [&["executor"][..], &["serve", "--front-door"][..]] {
+        let output = run(args, &env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} started: {stderr}");
+        assert!(stderr.contains("supervisor exited"), "{args:?}: {stderr}");
+    }
+}
