@@ -25,13 +25,19 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::layout::{snapshot_entries, LayoutError, TreeHasher, SNAPSHOT_DIRS};
+use crate::layout::{entries_under, Fingerprint, LayoutError, TreeHasher, SNAPSHOT_DIRS};
 
 const ZSTD_LEVEL: i32 = 3;
 /// Permission bits kept in an archive.
 const ARCHIVED_MODE_BITS: u32 = 0o755;
+const CORTEX: &str = "cortex";
+const WORKSPACE: &str = "workspace";
 /// The one directory whose links are archived.
-const LINKS_ALLOWED_UNDER: &str = "workspace";
+const LINKS_ALLOWED_UNDER: &str = WORKSPACE;
+/// Times `cortex/` is archived before a push gives up on it changing.
+const CORTEX_ATTEMPTS: u32 = 5;
+/// Pause before the second try; doubled for each later one.
+const CORTEX_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Bytes moved per read and write when unpacking.
 const UNPACK_CHUNK: usize = 1 << 20;
 
@@ -73,34 +79,59 @@ pub struct Packed {
 /// Writes the archive of `root`'s snapshot directories to `out`. Large files are spooled
 /// beside `out` while they are read.
 ///
-/// FIXME: consistent per file, not across files: two files another process writes while
-/// the walk runs can be archived from different moments (each of them whole).
+/// `cortex/` is archived as it was at one moment: its metadata fingerprint is taken before
+/// and after it is archived, and the archive is started again when they differ (it comes
+/// first and is small, so that costs little). `workspace/` follows, each file as one
+/// state it had.
+///
+/// FIXME: `workspace/` is consistent per file, not across files: two files another process
+/// writes while the walk runs can be archived from different moments (each of them whole).
 pub fn pack(root: &Path, out: &Path) -> Result<Packed, ArchiveError> {
-    let file = File::create(out).map_err(io_err("creating", out))?;
-    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let encoder = zstd::Encoder::new(hashing, ZSTD_LEVEL).map_err(io_err("compressing", out))?;
-    let mut builder = tar::Builder::new(encoder);
-    builder.mode(tar::HeaderMode::Deterministic);
-    let spool_dir = out.parent().unwrap_or(Path::new("."));
-    let mut packer = Packer {
-        builder,
-        digest: TreeHasher::new(),
-        capture: capture::Capture::new(spool_dir),
-        skipped: 0,
-    };
+    let mut pause = CORTEX_FIRST_PAUSE;
+    for attempt in 1..=CORTEX_ATTEMPTS {
+        let mut packer = Packer::create(out)?;
+        let before = Fingerprint::of_dir(root, CORTEX)?;
+        packer.append_dir(root, CORTEX)?;
+        if Fingerprint::of_dir(root, CORTEX)? == before {
+            packer.append_dir(root, WORKSPACE)?;
+            return packer.finish(out);
+        }
+        tracing::debug!(attempt, "cortex changed while it was archived; again");
+        std::thread::sleep(pause);
+        pause *= 2;
+    }
+    let path = root.join(CORTEX);
+    Err(ArchiveError::KeptChanging { path, attempts: CORTEX_ATTEMPTS })
+}
 
-    for entry in snapshot_entries(root) {
-        let (path, relative) = entry?;
-        packer.append(&path, &relative)?;
+impl Packer<zstd::Encoder<'static, HashingWriter<BufWriter<File>>>> {
+    /// A packer writing a new archive to `out` (replacing what a previous attempt wrote).
+    fn create(out: &Path) -> Result<Self, ArchiveError> {
+        let file = File::create(out).map_err(io_err("creating", out))?;
+        let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let encoder =
+            zstd::Encoder::new(hashing, ZSTD_LEVEL).map_err(io_err("compressing", out))?;
+        let mut builder = tar::Builder::new(encoder);
+        builder.mode(tar::HeaderMode::Deterministic);
+        let spool_dir = out.parent().unwrap_or(Path::new("."));
+        Ok(Packer {
+            builder,
+            digest: TreeHasher::new(),
+            capture: capture::Capture::new(spool_dir),
+            skipped: 0,
+        })
     }
 
-    let Packer { builder, digest, skipped, .. } = packer;
-    let encoder = builder.into_inner().map_err(io_err("writing", out))?;
-    let hashing = encoder.finish().map_err(io_err("compressing", out))?;
-    let (writer, sha256, size) = hashing.finish();
-    let file = writer.into_inner().map_err(|e| io_err("writing", out)(e.into_error()))?;
-    file.sync_all().map_err(io_err("syncing", out))?;
-    Ok(Packed { sha256, size, tree_sha256: digest.finish(), skipped })
+    /// Ends the archive, syncs it, and says what was written.
+    fn finish(self, out: &Path) -> Result<Packed, ArchiveError> {
+        let Packer { builder, digest, skipped, .. } = self;
+        let encoder = builder.into_inner().map_err(io_err("writing", out))?;
+        let hashing = encoder.finish().map_err(io_err("compressing", out))?;
+        let (writer, sha256, size) = hashing.finish();
+        let file = writer.into_inner().map_err(|e| io_err("writing", out)(e.into_error()))?;
+        file.sync_all().map_err(io_err("syncing", out))?;
+        Ok(Packed { sha256, size, tree_sha256: digest.finish(), skipped })
+    }
 }
 
 struct Packer<W: Write> {
@@ -111,6 +142,15 @@ struct Packer<W: Write> {
 }
 
 impl<W: Write> Packer<W> {
+    /// Appends `root/dir` and everything under it, in walk order.
+    fn append_dir(&mut self, root: &Path, dir: &str) -> Result<(), ArchiveError> {
+        for entry in entries_under(root, dir) {
+            let (path, relative) = entry?;
+            self.append(&path, &relative)?;
+        }
+        Ok(())
+    }
+
     fn append(&mut self, path: &Path, relative: &Path) -> Result<(), ArchiveError> {
         let metadata = match std::fs::symlink_metadata(path) {
             Ok(metadata) => metadata,

@@ -20,6 +20,10 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod fingerprint;
+
+pub use fingerprint::Fingerprint;
+
 /// The directories a snapshot holds, in archive order.
 pub const SNAPSHOT_DIRS: [&str; 2] = ["cortex", "workspace"];
 
@@ -212,30 +216,32 @@ pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
 pub fn snapshot_entries(
     root: &Path,
 ) -> impl Iterator<Item = Result<(PathBuf, PathBuf), LayoutError>> + '_ {
-    SNAPSHOT_DIRS.iter().map(move |dir| root.join(dir)).filter(|base| base.exists()).flat_map(
-        move |base| {
-            walkdir::WalkDir::new(&base).sort_by_file_name().into_iter().filter_map(move |entry| {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    // Removed while the walk ran: the tree no longer holds it.
-                    Err(e) if e.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound) => {
-                        return None;
-                    }
-                    Err(e) => {
-                        let path = e.path().unwrap_or(&base).to_owned();
-                        return Some(Err(LayoutError::Io {
-                            action: "walking",
-                            path,
-                            source: e.into(),
-                        }));
-                    }
-                };
-                let path = entry.into_path();
-                let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
-                Some(Ok((path, relative)))
-            })
-        },
-    )
+    SNAPSHOT_DIRS.iter().flat_map(move |dir| entries_under(root, dir))
+}
+
+/// Like [`snapshot_entries`], for the one snapshot directory `dir`.
+pub fn entries_under<'a>(
+    root: &'a Path,
+    dir: &str,
+) -> impl Iterator<Item = Result<(PathBuf, PathBuf), LayoutError>> + 'a {
+    let base = root.join(dir);
+    let walk = base.exists().then(|| walkdir::WalkDir::new(&base).sort_by_file_name());
+    walk.into_iter().flatten().filter_map(move |entry| {
+        let entry = match entry {
+            Ok(entry) => entry,
+            // Removed while the walk ran: the tree no longer holds it.
+            Err(e) if e.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound) => {
+                return None;
+            }
+            Err(e) => {
+                let path = e.path().unwrap_or(&base).to_owned();
+                return Some(Err(LayoutError::Io { action: "walking", path, source: e.into() }));
+            }
+        };
+        let path = entry.into_path();
+        let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
+        Some(Ok((path, relative)))
+    })
 }
 
 /// Builds a [`tree_digest`] from entries given in walk order; restore uses it to digest a

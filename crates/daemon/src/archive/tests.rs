@@ -353,3 +353,65 @@ fn a_log_appended_to_without_pause_is_archived_as_it_was_at_one_moment() {
     stop.store(true, Ordering::Relaxed);
     appender.join().unwrap();
 }
+
+#[test]
+fn cortex_is_archived_as_it_was_at_one_moment() {
+    let (source, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tree(source.path());
+    let cortex = source.path().join("cortex");
+    // Enough entries between the two counters that archiving them takes a while.
+    for n in 0..300 {
+        std::fs::write(cortex.join(format!("m-{n:04}.json")), "{}").unwrap();
+    }
+    let write = |name: &str, value: u64| {
+        let temp = cortex.join(format!(".{name}.tmp"));
+        std::fs::write(&temp, value.to_string()).unwrap();
+        std::fs::rename(&temp, cortex.join(name)).unwrap();
+    };
+    write("a.json", 0);
+    write("z.json", 0);
+
+    // `a` then `z`, in bursts, as an intent records its steps: at every moment `z` is `a`
+    // or one behind it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, cortex) = (Arc::clone(&stop), cortex.clone());
+        std::thread::spawn(move || {
+            let write = |name: &str, value: u64| {
+                let temp = cortex.join(format!(".{name}.tmp"));
+                std::fs::write(&temp, value.to_string()).unwrap();
+                std::fs::rename(&temp, cortex.join(name)).unwrap();
+            };
+            let mut value = 0;
+            while !stop.load(Ordering::Relaxed) {
+                value += 1;
+                write("a.json", value);
+                write("z.json", value);
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        })
+    };
+
+    let (mut packed, mut gave_up) = (0, 0);
+    for round in 0..20 {
+        let archive = out.path().join(format!("{round}.tar.zst"));
+        match pack(source.path(), &archive) {
+            Ok(_) => packed += 1,
+            Err(ArchiveError::KeptChanging { .. }) => {
+                gave_up += 1;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let dest = out.path().join(format!("{round}"));
+        unpack(&archive, &dest).unwrap();
+        let read = |name: &str| -> u64 {
+            std::fs::read_to_string(dest.join("cortex").join(name)).unwrap().parse().unwrap()
+        };
+        let (a, z) = (read("a.json"), read("z.json"));
+        assert!(z == a || z + 1 == a, "pack {round}: a = {a}, z = {z} never coexisted");
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(packed > 0, "some packs found a quiet moment: {packed} packed, {gave_up} not");
+}

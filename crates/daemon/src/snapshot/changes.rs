@@ -11,53 +11,10 @@
 //! renaming (a new inode) or appends (a new size). To bound the caveat for other writers,
 //! every [`FULL_CHECK_EVERY`]th check reads the whole tree anyway.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-
-use sha2::{Digest, Sha256};
-
-use crate::layout::{snapshot_entries, LayoutError};
+pub use crate::layout::Fingerprint;
 
 /// Quick checks between two full ones.
 pub const FULL_CHECK_EVERY: u32 = 60;
-
-/// A digest of the tree's metadata (see the module docs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint([u8; 32]);
-
-impl Fingerprint {
-    /// The fingerprint of `root`'s snapshot directories as they are now.
-    pub fn of(root: &Path) -> Result<Self, LayoutError> {
-        let mut hasher = Sha256::new();
-        for entry in snapshot_entries(root) {
-            let (path, relative) = entry?;
-            let metadata = match std::fs::symlink_metadata(&path) {
-                Ok(metadata) => metadata,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(LayoutError::io("reading", &path)(e)),
-            };
-            hasher.update(relative.as_os_str().as_encoded_bytes());
-            hasher.update([0]);
-            for number in [
-                metadata.mode().into(),
-                metadata.len(),
-                metadata.ino(),
-                metadata.mtime() as u64,
-                metadata.mtime_nsec() as u64,
-                metadata.ctime() as u64,
-                metadata.ctime_nsec() as u64,
-            ] {
-                hasher.update(number.to_le_bytes());
-            }
-            if metadata.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).unwrap_or_default();
-                hasher.update(target.as_os_str().as_encoded_bytes());
-            }
-            hasher.update([0]);
-        }
-        Ok(Self(hasher.finalize().into()))
-    }
-}
 
 /// What a periodic pusher remembers between checks.
 #[derive(Debug, Default)]
@@ -115,6 +72,8 @@ impl ChangeCheck {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn check(change: impl FnOnce(&Path)) -> bool {
