@@ -16,6 +16,9 @@ use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::proxy::{self, headers, Upstream};
 
+/// The methods forwarded to a daemon, for `Allow` on a 405.
+const PROXIED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// Set on responses that waited for the machine to wake: the wait in milliseconds.
 pub const WOKE_HEADER: &str = "x-matrix-woke-ms";
 
@@ -76,6 +79,11 @@ async fn route(
         // Before authentication: the route does not exist for anyone, and the machine is not
         // woken for it.
         (_, p) if proxy::internal::is_daemon_internal(p) => Err(ApiError::not_found()),
+        // A tunnel (CONNECT) or a reflection of the request (TRACE) is nothing a daemon
+        // serves; only a WebSocket's extended CONNECT goes through.
+        (&Method::CONNECT | &Method::TRACE, _) if !headers::wants_websocket(&req) => {
+            Err(ApiError::method_not_allowed(PROXIED_METHODS))
+        }
         _ => proxy_to_daemon(state, req, peer, request_id).await,
     }
 }

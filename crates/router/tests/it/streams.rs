@@ -144,3 +144,28 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
             .supported_schemes()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_trace_are_refused_without_reaching_the_daemon() {
+    let Some(env) = TestEnv::start(Options::default()).await else { return };
+    let user = Uuid::new_v4();
+    let machine = {
+        env.echo(user).await;
+        env.machine_of(user).await
+    };
+    let served_before = env.served(&machine).await;
+
+    let auth = format!("Authorization: Bearer {}\r\n\r\n", env.token(user));
+    for head in [
+        format!("CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n{auth}"),
+        format!("TRACE /echo HTTP/1.1\r\nHost: localhost\r\n{auth}"),
+    ] {
+        let mut tls = tls_connect(&env, &[b"http/1.1"]).await;
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = vec![0u8; 12];
+        tls.read_exact(&mut answer).await.expect("status line");
+        let method = head.split(' ').next().unwrap_or_default();
+        assert_eq!(&answer[9..12], b"405", "{method}: {}", String::from_utf8_lossy(&answer));
+    }
+    assert_eq!(env.served(&machine).await, served_before, "the daemon saw neither request");
+}
