@@ -53,7 +53,7 @@ pub async fn restore(
 }
 
 // FIXME: restore meets 0.8 of a raw GET of the same bytes only when the machine has CPU to
-// spare; with the load average at 5 on two cores it measured 0.63-0.89 (docs/benchmarks.md).
+// spare: 8 of 12 runs on a loaded 2-core machine measured 0.61-0.73 (docs/benchmarks.md).
 /// Downloads and unpacks at once: the download feeds a bounded channel that a blocking
 /// thread decompresses and unpacks from. Returns the tree digest.
 async fn download_and_unpack(
