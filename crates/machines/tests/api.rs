@@ -8,7 +8,8 @@ use std::time::Duration;
 use machines::client::CREATE_KEY_METADATA;
 use machines::emulator::{RateLimit, SettingsPatch};
 use machines::types::{
-    CreateVolumeRequest, MachineState, Mount, StopRequest, UpdateMachineRequest, WaitState,
+    CreateVolumeRequest, MachineState, Mount, RestartPolicy, StopRequest, UpdateMachineRequest,
+    WaitState,
 };
 use machines::{FlyClient, ListMachines, RetryPolicy};
 use reqwest::Method;
@@ -179,6 +180,55 @@ async fn a_process_that_exits_at_boot_leaves_the_machine_failed() {
     assert_eq!(failed.state, MachineState::Failed);
     let exit = failed.events_of("exit").next().expect("an exit event");
     assert_eq!(exit.request.as_ref().unwrap()["exit_event"]["exit_code"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_boot_is_restarted_up_to_max_retries_by_the_on_failure_policy() {
+    let env = Env::start().await;
+    let mut create = request("crash-later");
+    create.config.restart = Some(RestartPolicy {
+        policy: Some("on-failure".into()),
+        max_retries: Some(2),
+        ..RestartPolicy::default()
+    });
+    let machine = env.fly.create_machine(&create).await.unwrap();
+
+    // Three runs (the first and two restarts), each ending in an exit event.
+    let stopped = eventually("three exits", 200, || async {
+        let machine = env.fly.get_machine(&machine.id).await.unwrap();
+        (machine.events_of("exit").count() == 3).then_some(machine)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let settled = env.fly.get_machine(&machine.id).await.unwrap();
+    assert_eq!(settled.state, MachineState::Stopped, "no fourth run: {:?}", stopped.events);
+    assert_eq!(settled.events_of("exit").count(), 3);
+
+    // A start by a user gives the policy its retries back.
+    env.fly.start_machine(&machine.id, None).await.unwrap();
+    eventually("three more exits", 200, || async {
+        let machine = env.fly.get_machine(&machine.id).await.unwrap();
+        (machine.events_of("exit").count() == 6).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_exit_or_the_no_policy_leaves_the_machine_stopped() {
+    let env = Env::start().await;
+    let clean = env.fly.create_machine(&request("done-later")).await.unwrap();
+    let mut never = request("crash-later");
+    never.config.restart = Some(RestartPolicy { policy: Some("no".into()), ..Default::default() });
+    let never = env.fly.create_machine(&never).await.unwrap();
+
+    for machine in [&clean, &never] {
+        let version = Some(machine.instance_id.as_str());
+        env.fly.wait_machine(&machine.id, WaitState::Stopped, version, LONG).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let settled = env.fly.get_machine(&machine.id).await.unwrap();
+        assert_eq!(settled.state, MachineState::Stopped, "{}", machine.config.image);
+        assert_eq!(settled.events_of("exit").count(), 1, "{}", machine.config.image);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,9 +31,12 @@
 //! - **Input checks:** bodies must be JSON objects (Go's `cannot unmarshal array` 400), over
 //!   1 MiB is 413, and lease TTLs or Go durations beyond what Go's types hold are 400.
 //!
-//! Not emulated: `restart` policies (a process that exits after boot leaves the
-//! machine `stopped`), `auto_destroy`, exec, cordons, IP assignments, app deletion,
-//! volume snapshots and extension.
+//! - **Restart policy:** a process that exits after its boot window is booted again under
+//!   `restart.policy = "always"`, and under `"on-failure"` (the default) after a non-zero
+//!   exit or a signal, at most `max_retries` times (10 when unset) until a user starts it.
+//!
+//! Not emulated: `auto_destroy`, exec, cordons, IP assignments, app deletion, volume
+//! snapshots and extension.
 //!
 //! # Test controls (never under `/v1`, no token needed)
 //!

@@ -41,6 +41,9 @@ pub(crate) struct MachineRecord {
     /// The instance ids of replaced versions, oldest first: `wait` knows them as stopped.
     #[serde(default)]
     pub replaced_versions: Vec<String>,
+    /// Restarts by the machine's `restart` policy since a user last started it.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Where the state lives.

@@ -50,6 +50,9 @@ pub fn image_map() -> ImageMap {
     );
     images.insert("stubborn".to_owned(), spec(&["sh", "-c", "trap '' INT TERM; sleep 600"]));
     images.insert("crash".to_owned(), spec(&["sh", "-c", "echo booting; exit 3"]));
+    // Exit after the boot window (500 ms here): a crash, or work that finished.
+    images.insert("crash-later".to_owned(), spec(&["sh", "-c", "sleep 0.8; exit 5"]));
+    images.insert("done-later".to_owned(), spec(&["sh", "-c", "sleep 0.8; exit 0"]));
     let mut unhealthy = spec(&["sleep", "600"]);
     unhealthy.fail_health = true;
     images.insert("unhealthy".to_owned(), unhealthy);

@@ -85,6 +85,7 @@ impl Engine {
             lease,
             destroyed_at: None,
             replaced_versions: Vec::new(),
+            restarts: 0,
         };
         inner.app(app).machines.insert(id.clone(), record);
         self.commit(&inner);
@@ -222,9 +223,10 @@ impl Engine {
     }
 
     /// A process ended: `stopped` when asked to stop or after the boot window, `failed`
-    /// when it died at boot. Processes of replaced or destroyed versions are ignored.
+    /// when it died at boot; booted again when its `restart` policy says so. Processes of
+    /// replaced or destroyed versions are ignored.
     pub(super) fn on_exit(
-        &self,
+        self: &Arc<Self>,
         app: &str,
         id: &str,
         generation: u64,
@@ -251,25 +253,58 @@ impl Engine {
             Err(_) => (None, None),
         };
         let detail = json!({"exit_event": {"exit_code": exit_code, "signal": signal}});
+        let mut restart = false;
         let next = match record.machine.state {
             MachineState::Stopping => MachineState::Stopped,
             MachineState::Started | MachineState::Starting | MachineState::Suspending => {
                 if proc.started.elapsed() < boot_window {
                     MachineState::Failed
                 } else {
-                    // FIXME: `config.restart` is not applied: a process that exits after
-                    // boot leaves the machine `stopped` whatever the policy says.
+                    restart = policy_restarts(&record.machine.config, exit_code, record.restarts);
                     MachineState::Stopped
                 }
             }
             _ => return,
         };
-        tracing::debug!(machine = id, ?exit_code, ?signal, state = %next, "machine process exited");
+        tracing::debug!(
+            machine = id,
+            ?exit_code,
+            ?signal,
+            state = %next,
+            restart,
+            "machine process exited",
+        );
         push_event_with(&mut record.machine, "exit", next, "flyd", Some(detail));
         record.machine.checks.clear();
+        if restart {
+            record.restarts += 1;
+            self.boot(&mut inner, app, id);
+        }
         self.commit(&inner);
     }
 }
+
+/// Whether a machine whose process exited after booting is booted again: always under
+/// `always`, never under `no`, and under `on-failure` (the default) after a non-zero exit
+/// or a signal, at most `max_retries` times in a row.
+fn policy_restarts(
+    config: &crate::types::MachineConfig,
+    exit_code: Option<i32>,
+    restarts: u32,
+) -> bool {
+    let policy = config.restart.as_ref();
+    match policy.and_then(|p| p.policy.as_deref()).unwrap_or("on-failure") {
+        "always" => true,
+        "on-failure" => {
+            let max = policy.and_then(|p| p.max_retries).unwrap_or(DEFAULT_MAX_RETRIES);
+            exit_code != Some(0) && restarts < max
+        }
+        _ => false,
+    }
+}
+
+/// Fly's documentation names `max_retries` without a default; this is the emulator's.
+const DEFAULT_MAX_RETRIES: u32 = 10;
 
 pub(super) fn fail_boot(record: &mut MachineRecord, reason: &str) {
     tracing::warn!(machine = %record.machine.id, reason, "machine failed to boot");

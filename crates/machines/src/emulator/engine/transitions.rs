@@ -111,6 +111,7 @@ impl Engine {
         let record = inner.machine(app, id, retention)?;
         check_lease(record, nonce)?;
         let previous = record.machine.state;
+        record.restarts = 0;
         match previous {
             MachineState::Stopped | MachineState::Failed => self.boot(&mut inner, app, id),
             MachineState::Suspended => match inner.procs.get(id).map(|p| p.group) {
