@@ -52,8 +52,9 @@ pub async fn restore(
     Ok(())
 }
 
-// FIXME: restore meets 0.8 of a raw GET of the same bytes only when the machine has CPU to
-// spare: 8 of 12 runs on a loaded 2-core machine measured 0.61-0.73 (docs/benchmarks.md).
+// FIXME: restore reaches 0.8 of a raw GET of the same bytes only when the machine has CPU to
+// spare (1.04-1.32 when idle, 0.61-0.73 in 8 of 12 runs on a loaded 2-core machine: see
+// docs/benchmarks.md); the archive is one zstd frame, so decompression uses one core.
 /// Downloads and unpacks at once: the download feeds a bounded channel that a blocking
 /// thread decompresses and unpacks from. Returns the tree digest.
 async fn download_and_unpack(
