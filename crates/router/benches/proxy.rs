@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let emulator = Emulator::start(emulator_config).await?;
     let fly = FlyClient::new(&emulator.url(), FLY_TOKEN, APP)?;
 
-    let router = RouterProcess::start(&pg.url(), &emulator.url(), None)?;
+    let router = RouterProcess::start(&pg.url(), &emulator.url(), None, None)?;
     let user = uuid::Uuid::new_v4();
     let jwt = user_token(user)?;
 
@@ -110,22 +110,37 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!();
-    // The same runs with the router on a core of its own, as on its own machine in
-    // production, and everything else (load generator, upstream) on the other core.
-    let pinned = pin(std::process::id(), router.guard.id(), upstream_pid)?;
-    if pinned {
+    // The same runs with a router on a core of its own and one worker thread, as on a
+    // one-CPU machine of its own in production, and everything else (load generator,
+    // upstream) on the other core.
+    let cpus = std::thread::available_parallelism()?.get();
+    if cpus >= 2 {
+        let single = RouterProcess::start(&pg.url(), &emulator.url(), None, Some(1))?;
+        let routed_single =
+            Target { url: format!("https://{}/echo", single.addr), ..routed.clone() };
+        for _ in 0..200 {
+            send(&client, &routed_single).await?;
+        }
+        let processes = [std::process::id(), single.guard.id(), upstream_pid];
+        pin(&processes, cpus)?;
         let direct_pinned = throughput(&client, &direct, processes).await?;
-        let routed_pinned = throughput(&client, &routed, processes).await?;
+        let routed_pinned = throughput(&client, &routed_single, processes).await?;
+        unpin(&processes, cpus)?;
         println!(
             "| requests/s, router on a core of its own, the rest on the other | {:.0} | {:.0} |",
             direct_pinned.rps, routed_pinned.rps
         );
-        unpin(&[std::process::id(), router.guard.id(), upstream_pid])?;
+        println!(
+            "| CPU per request: router on its own core | | {:.1} µs |",
+            routed_pinned.cpu_us_per_request[1]
+        );
         println!();
         println!(
             "router on its own core: {:.0}% of direct",
             100.0 * routed_pinned.rps / direct_pinned.rps
         );
+    } else {
+        println!("one CPU: the pinned runs are skipped");
     }
     let router_cpu = routed_run.cpu_us_per_request[1];
     let upstream_cpu = direct_run.cpu_us_per_request[2];
@@ -152,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone)]
 struct Target {
     url: String,
     authorization: String,
@@ -235,29 +251,24 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
 }
 
-/// Puts the router on the last CPU and the other processes on the rest; false (and nothing
-/// changed) on a machine with one CPU.
-fn pin(bench: u32, router: u32, upstream: u32) -> anyhow::Result<bool> {
-    let cpus = std::thread::available_parallelism()?.get();
-    if cpus < 2 {
-        println!("one CPU: the pinned runs are skipped");
-        return Ok(false);
-    }
+/// Puts the router (`[_, router, _]`) on the last CPU and the other processes on the rest.
+fn pin(processes: &[u32; 3], cpus: usize) -> anyhow::Result<()> {
     let mut router_set = nix::sched::CpuSet::new();
     router_set.set(cpus - 1)?;
     let mut rest = nix::sched::CpuSet::new();
     for cpu in 0..cpus - 1 {
         rest.set(cpu)?;
     }
+    let [bench, router, upstream] = *processes;
     set_affinity(router, &router_set)?;
     set_affinity(bench, &rest)?;
     set_affinity(upstream, &rest)?;
-    Ok(true)
+    Ok(())
 }
 
-fn unpin(pids: &[u32]) -> anyhow::Result<()> {
+fn unpin(pids: &[u32], cpus: usize) -> anyhow::Result<()> {
     let mut all = nix::sched::CpuSet::new();
-    for cpu in 0..std::thread::available_parallelism()?.get() {
+    for cpu in 0..cpus {
         all.set(cpu)?;
     }
     for &pid in pids {
@@ -312,7 +323,7 @@ async fn wakes(
     database_url: &str,
     fly_url: &str,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let router = RouterProcess::start(database_url, fly_url, Some(Duration::from_secs(1)))?;
+    let router = RouterProcess::start(database_url, fly_url, Some(Duration::from_secs(1)), None)?;
     let target = Target {
         url: format!("https://{}/echo", router.addr),
         authorization: routed.authorization.clone(),
@@ -402,6 +413,7 @@ impl RouterProcess {
         database_url: &str,
         fly_url: &str,
         idle_suspend: Option<Duration>,
+        worker_threads: Option<usize>,
     ) -> anyhow::Result<Self> {
         let binary = harness::tools::workspace_root().join("target/release/matrix-router");
         anyhow::ensure!(
@@ -433,6 +445,10 @@ impl RouterProcess {
             .stdout(std::process::Stdio::null());
         if let Some(idle) = idle_suspend {
             command.env(config::ROUTER_IDLE_SUSPEND_SECS, idle.as_secs().to_string());
+        }
+        if let Some(threads) = worker_threads {
+            // Read by tokio's runtime builder.
+            command.env("TOKIO_WORKER_THREADS", threads.to_string());
         }
         let mut guard = harness::process::ChildGuard::spawn("matrix-router", &mut command)?;
         harness::process::wait_for_port(addr, Duration::from_secs(30))?;
