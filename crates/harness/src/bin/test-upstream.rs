@@ -9,14 +9,17 @@
 //! - `GET /ws`: a WebSocket that echoes every text and binary message;
 //! - any other path: a JSON echo of the request (method, path, headers) together with the
 //!   machine id, user id and a digest of the token this process was started with;
-//! - `GET /_upstream/stats` (no auth): how many requests reached an authenticated route.
+//! - `GET /_upstream/stats` (no auth): how many requests reached an authenticated route;
+//! - `POST /busy?on=true|false`: what `/healthz` reports as `busy`, as the daemon does while
+//!   it runs an intent;
+//! - `GET /drop`: closes the connection without an answer, as a daemon that crashed would.
 //!
 //! Environment: `MATRIX_LISTEN_ADDR` (or `FLY_PRIVATE_IP` with `PORT`, default 8080),
 //! `MATRIX_DAEMON_TOKEN`, `MATRIX_USER_ID`, `FLY_MACHINE_ID`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ struct Upstream {
     user_id: String,
     machine_id: String,
     served: AtomicU64,
+    busy: AtomicBool,
 }
 
 #[tokio::main]
@@ -48,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         user_id: std::env::var("MATRIX_USER_ID").unwrap_or_default(),
         machine_id: std::env::var("FLY_MACHINE_ID").unwrap_or_default(),
         served: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
     });
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -72,12 +77,17 @@ fn listen_addr() -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(ip.parse()?, port.parse()?))
 }
 
-async fn handle(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// An error makes hyper close the connection without an answer.
+async fn handle(
+    up: Arc<Upstream>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
+        let busy = up.busy.load(Ordering::SeqCst);
         return Ok(json(
             StatusCode::OK,
-            serde_json::json!({"ok": true, "machine_id": up.machine_id}),
+            serde_json::json!({"ok": true, "machine_id": up.machine_id, "busy": busy}),
         ));
     }
     if path == "/_upstream/stats" {
@@ -95,6 +105,12 @@ async fn handle(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(match path.as_str() {
         "/events" => events(),
         "/ws" => websocket(req),
+        "/drop" => return Err(std::io::Error::other("dropped on request")),
+        "/busy" => {
+            let on = req.uri().query() == Some("on=true");
+            up.busy.store(on, Ordering::SeqCst);
+            json(StatusCode::OK, serde_json::json!({ "busy": on }))
+        }
         _ => echo(&up, req).await,
     })
 }

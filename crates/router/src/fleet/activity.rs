@@ -17,6 +17,9 @@ struct Entry {
     last_seen: Instant,
     /// The daemon's address while the router believes the machine is running.
     ready: Option<SocketAddr>,
+    /// The daemon's last known address after a failed exchange made the router forget it as
+    /// ready: the machine may still run, so it stays a candidate for the idle suspend.
+    unsure: Option<SocketAddr>,
     /// The `last_seen` last written to the shared table.
     flushed: Option<Instant>,
 }
@@ -43,6 +46,7 @@ impl ActivityTable {
             active: 0,
             last_seen: Instant::now(),
             ready: None,
+            unsure: None,
             flushed: None,
         });
         f(entry)
@@ -65,12 +69,28 @@ impl ActivityTable {
     pub fn mark_ready(&self, machine_id: &str, addr: SocketAddr) {
         self.with_entry(machine_id, |e| {
             e.ready = Some(addr);
+            e.unsure = None;
             e.last_seen = Instant::now();
         });
     }
 
+    /// The next request wakes the machine again; until then it may still be running, so the
+    /// idle suspender keeps it in view.
     pub fn mark_not_ready(&self, machine_id: &str) {
-        self.with_entry(machine_id, |e| e.ready = None);
+        self.with_entry(machine_id, |e| {
+            if let Some(addr) = e.ready.take() {
+                e.unsure = Some(addr);
+            }
+        });
+    }
+
+    /// Counts activity seen now on a machine taken by [`Self::take_idle`], and marks it ready
+    /// again (it was not suspended).
+    pub fn touch(&self, machine_id: &str, addr: SocketAddr) {
+        self.with_entry(machine_id, |e| {
+            e.last_seen = Instant::now();
+            e.ready.get_or_insert(addr);
+        });
     }
 
     /// Ready machines with nothing open and no traffic for `idle`, with their addresses;
@@ -82,7 +102,7 @@ impl ActivityTable {
             if entry.active > 0 || entry.last_seen.elapsed() < idle {
                 continue;
             }
-            if let Some(addr) = entry.ready.take() {
+            if let Some(addr) = entry.ready.take().or_else(|| entry.unsure.take()) {
                 idle_ids.push((id.clone(), addr));
             }
         }

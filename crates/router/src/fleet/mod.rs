@@ -186,6 +186,13 @@ impl Fleet {
             interval.tick().await;
             self.share_activity().await;
             for (machine_id, addr) in self.activity.take_idle(idle) {
+                // Work the daemon does on its own (an intent running for an hour) has no
+                // request open at the router; the daemon says so on `/healthz`.
+                if self.daemon_busy(addr).await {
+                    tracing::debug!(machine.id = %machine_id, "idle but busy; not suspending");
+                    self.activity.touch(&machine_id, addr);
+                    continue;
+                }
                 match self.store.claim_idle(&machine_id, idle).await {
                     Ok(IdleClaim::Claimed) => self.suspend_idle(&machine_id).await,
                     Ok(IdleClaim::Busy) => self.activity.restore_ready(&machine_id, addr),
@@ -203,6 +210,23 @@ impl Fleet {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the daemon at `addr` reports work in progress (`"busy": true` on `/healthz`).
+    /// A daemon that does not answer is not busy: there is nothing to keep running for.
+    async fn daemon_busy(&self, addr: SocketAddr) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Health {
+            #[serde(default)]
+            busy: bool,
+        }
+        let response = self.health.get(format!("http://{addr}/healthz")).send().await;
+        match response {
+            Ok(response) if response.status().is_success() => {
+                response.json::<Health>().await.is_ok_and(|h| h.busy)
+            }
+            _ => false,
         }
     }
 

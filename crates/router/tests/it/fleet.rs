@@ -1,6 +1,7 @@
 //! Provisioning, waking, idle suspension, isolation between users, and Fly API failures.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use machines::types::{MachineState, UpdateMachineRequest};
@@ -337,4 +338,43 @@ async fn a_failed_machine_is_reported_with_its_events() {
     let message = body["message"].as_str().expect("message");
     assert!(message.contains(&machine.id) && message.contains("recent events"), "{message}");
     assert_eq!(env.count("start").await, starts, "a failed machine was started blindly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_reports_work_in_progress_is_not_suspended() {
+    let Some(env) = TestEnv::start(Options { idle_suspend_secs: 1, ..Options::default() }).await
+    else {
+        return;
+    };
+    let user = Uuid::new_v4();
+    let token = env.token(user);
+    env.echo(user).await;
+    let machine = env.machine_of(user).await;
+    let busy = env.http.post(format!("{}/busy?on=true", env.base)).bearer_auth(&token);
+    assert_eq!(busy.send().await.expect("busy").status(), 200);
+
+    // Four idle times with no request open: the daemon's own work keeps it running.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let running = env.fly.get_machine(&machine.id).await.expect("get");
+    assert_eq!(running.state, MachineState::Started, "suspended while the daemon was busy");
+
+    let done = env.http.post(format!("{}/busy?on=false", env.base)).bearer_auth(&token);
+    assert_eq!(done.send().await.expect("not busy").status(), 200);
+    env.wait_state(&machine.id, MachineState::Suspended).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_is_still_suspended_after_its_daemon_failed_a_request() {
+    let Some(env) = TestEnv::start(Options { idle_suspend_secs: 1, ..Options::default() }).await
+    else {
+        return;
+    };
+    let user = Uuid::new_v4();
+    env.echo(user).await;
+    let machine = env.machine_of(user).await;
+
+    let dropped = env.get("/drop", &env.token(user)).send().await.expect("request");
+    assert_eq!(dropped.status(), 502);
+
+    env.wait_state(&machine.id, MachineState::Suspended).await;
 }
