@@ -8,7 +8,8 @@
 //!   wakes is bounded.
 //! - Traffic over the private network bypasses Fly's proxy and its autostop, so this module
 //!   suspends a machine itself after `ROUTER_IDLE_SUSPEND_SECS` with no request and no open
-//!   stream at any replica.
+//!   stream at any replica, unless the daemon's `/healthz` says it is `busy` with work of
+//!   its own.
 //! - Each replica counts activity in memory (no database write on the request path) and, at
 //!   every suspender tick (a quarter of the idle time, between 100 ms and 5 s), writes to the
 //!   shared `machine_activity` table when each machine it served was last seen, "now" for
