@@ -11,7 +11,7 @@ use crate::server::{self, Background};
 use crate::snapshot::{self, PushOutcome};
 use crate::store::SnapshotStore;
 use crate::supervisor::SupervisorError;
-use crate::{link, restore, supervisor};
+use crate::{datalock, link, restore, supervisor};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; 64 is EX_USAGE, which the project uses).
 const EXIT_CONFIG: u8 = 64;
@@ -113,6 +113,7 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
             if config.s3.is_none() {
                 tracing::info!("snapshots are off: no S3_* variables are set");
             }
+            let _writer = datalock::acquire(&DataDir::new(&config.data_dir)).await?;
             let outcome = init::init(config).await.map_err(anyhow::Error::from)?;
             let root = config.data_dir.display();
             match outcome {
@@ -132,6 +133,9 @@ async fn run(command: Option<Command>, config: &Config) -> anyhow::Result<()> {
             let s3 = config.s3()?;
             let store = SnapshotStore::new(s3, config.user_id)?;
             let data = DataDir::new(&config.data_dir);
+            // A running daemon writes the tree and pushes on its own: refuse rather than
+            // archive a journal mid-write or restore under a live writer.
+            let _writer = datalock::try_acquire(&data)?;
             match action {
                 SnapshotAction::Push => match snapshot::push(&data, &store, config.snapshot_keep)
                     .await?

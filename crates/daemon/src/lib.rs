@@ -11,6 +11,7 @@ pub mod archive;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod datalock;
 pub mod executor;
 pub mod failpoint;
 pub mod init;

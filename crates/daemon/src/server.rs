@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::{self, App, Work};
 use crate::config::Config;
+use crate::datalock::{self, LockError};
 use crate::executor::{Executor, ExecutorError, Relay};
 use crate::intent::{Runner, Transcript};
 use crate::journal::{Journal, JournalError};
@@ -43,6 +44,8 @@ pub enum ServeError {
     Recover(#[source] JournalError),
     #[error(transparent)]
     Executor(#[from] ExecutorError),
+    #[error(transparent)]
+    Lock(#[from] crate::datalock::LockError),
 }
 
 /// Whether this process also runs the background work (intents and snapshots).
@@ -58,8 +61,16 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
     // 1. Everything that can fail on bad config fails before the socket is bound.
     let token = config.daemon_token()?;
     let data = DataDir::new(&config.data_dir);
-    restore::recover(&data)?;
-    data.ensure_layout()?;
+    // The process that writes the journal holds the volume for its lifetime; the front door
+    // only reads it.
+    let _writer = match background {
+        Background::Run => Some(datalock::acquire(&data).await?),
+        Background::Skip => None,
+    };
+    match background {
+        Background::Run => prepare(&data)?,
+        Background::Skip => prepare_unless_held(&data)?,
+    }
     let journal = Journal::new(data.journal(), data.signing_key()?);
     let store = match (&config.s3, background) {
         (Some(s3), Background::Run) => Some(SnapshotStore::new(s3, config.user_id)?),
@@ -159,6 +170,26 @@ pub async fn serve(config: &Config, background: Background) -> Result<(), ServeE
     Ok(())
 }
 
+/// Finishes an interrupted restore and lays out the volume; the data lock's holder's job.
+fn prepare(data: &DataDir) -> Result<(), ServeError> {
+    restore::recover(data)?;
+    data.ensure_layout()?;
+    Ok(())
+}
+
+/// The front door prepares the volume only while no executor holds it: a running executor
+/// did so under the lock, and two processes finishing one restore would trip each other.
+fn prepare_unless_held(data: &DataDir) -> Result<(), ServeError> {
+    match datalock::try_acquire(data) {
+        Ok(_lock) => prepare(data),
+        Err(LockError::Held { .. }) => {
+            tracing::debug!("the executor holds the data directory and has prepared it");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Waits up to `timeout` for no intent to be running; whether none is.
 async fn wait_idle(app: &App, timeout: Duration) -> bool {
     wait_until_idle(|| app.is_busy(), timeout).await
@@ -176,10 +207,12 @@ async fn wait_until_idle(is_busy: impl Fn() -> bool, timeout: Duration) -> bool 
 /// drains as `serve` does: no new intent, the running one finishes or is cancelled, a last
 /// snapshot.
 pub async fn run_executor(config: &Config) -> Result<(), ServeError> {
-    // 1. Everything that can fail on bad config fails before the socket is bound.
+    // 1. Everything that can fail on bad config fails before the socket is bound. A
+    //    previous executor still draining holds the volume: wait for it before touching the
+    //    socket or the journal.
     let data = DataDir::new(&config.data_dir);
-    restore::recover(&data)?;
-    data.ensure_layout()?;
+    let _writer = datalock::acquire(&data).await?;
+    prepare(&data)?;
     let store = match &config.s3 {
         Some(s3) => Some(SnapshotStore::new(s3, config.user_id)?),
         None => None,

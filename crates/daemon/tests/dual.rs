@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 struct Dual {
     data: tempfile::TempDir,
+    env: std::collections::BTreeMap<String, String>,
     supervisor: Daemon,
     model: ModelServer,
 }
@@ -41,7 +42,7 @@ impl Dual {
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         run_ok(&["init"], &env);
         let supervisor = Daemon::start_with(&["dual"], &env);
-        let dual = Self { data, supervisor, model };
+        let dual = Self { data, env, supervisor, model };
         dual.wait_for_link(|_| true).await;
         dual
     }
@@ -122,6 +123,12 @@ impl Dual {
 
 fn kinds(chain: &[Envelope]) -> Vec<Kind> {
     chain.iter().map(|e| e.kind).collect()
+}
+
+/// Whether `pid` is gone, or a zombie waiting for its new parent to reap it.
+fn exited(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))
 }
 
 fn sigkill(pid: i32) {
@@ -285,6 +292,36 @@ async fn a_killed_supervisor_takes_its_children_with_it() {
         })
     })
     .await;
+}
+
+/// A supervisor killed mid-intent leaves its executor draining; a `matrixd dual` started on
+/// the same volume at once waits for it instead of recording the running intent `failed`
+/// under it, so the chain gets exactly one outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_dual_on_the_volume_waits_for_the_draining_executor() {
+    let mut dual = Dual::start(&[("MATRIX_DRAIN_TIMEOUT_SECS", "4")]).await;
+    let before = dual.pids().await;
+    let old_executor = before.executor.unwrap();
+    let hold = dual.model.hold();
+    let id = dual.submit("outlived by its supervisor").await;
+    eventually("the intent reaches the model", async || dual.model.request_count() == 1).await;
+
+    sigkill(dual.supervisor.pid());
+    let _ = tokio::task::block_in_place(|| dual.supervisor.wait_exit());
+    dual.supervisor = Daemon::start_with(&["dual"], &dual.env);
+
+    let after = dual.wait_for_link(|pids| pids.executor != Some(old_executor)).await;
+    assert!(exited(old_executor), "the new executor started after the old one exited");
+    drop(hold);
+    let chain = dual.wait_for_outcome(&id).await;
+    assert_eq!(kinds(&chain), [Kind::Drafting, Kind::Running, Kind::Cancelled]);
+    assert_eq!(dual.chain_on_disk(&id), chain);
+
+    // The new executor runs intents.
+    let next = dual.submit("after the handover").await;
+    let chain = dual.wait_for_outcome(&next).await;
+    assert_eq!(kinds(&chain), [Kind::Drafting, Kind::Running, Kind::Completed]);
+    assert_ne!(after.executor, Some(old_executor));
 }
 
 /// The machine's entrypoint in dual mode: boots, serves, stops on `/shutdown`; a second
