@@ -36,6 +36,9 @@ pub const S3_REGION: &str = "S3_REGION";
 pub const S3_ACCESS_KEY_ID: &str = "S3_ACCESS_KEY_ID";
 /// Secret access key of the snapshot store.
 pub const S3_SECRET_ACCESS_KEY: &str = "S3_SECRET_ACCESS_KEY";
+/// Seconds an S3 call may wait to connect and for the response headers, and a streamed
+/// download for its next bytes. Default 30, at least 1.
+pub const S3_TIMEOUT_SECS: &str = "MATRIX_S3_TIMEOUT_SECS";
 /// How many snapshots to keep. Default 5, at least 1.
 pub const SNAPSHOT_KEEP: &str = "MATRIX_SNAPSHOT_KEEP";
 /// Seconds between periodic snapshots (pushed only when state changed); 0 turns them off.
@@ -120,6 +123,8 @@ pub struct S3Config {
     pub region: String,
     pub access_key_id: String,
     pub secret_access_key: Secret,
+    /// Bound on each call's wait for an answer; see [`S3_TIMEOUT_SECS`].
+    pub timeout: Duration,
 }
 
 /// Everything `matrixd` reads from its environment.
@@ -267,12 +272,17 @@ fn s3_config(get: &impl Fn(&str) -> Option<String>) -> Result<Option<S3Config>, 
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(malformed(S3_ENDPOINT, "must start with http:// or https://"));
     }
+    let timeout: u64 = parse_or(get, S3_TIMEOUT_SECS, 30)?;
+    if timeout == 0 {
+        return Err(malformed(S3_TIMEOUT_SECS, "must be at least 1"));
+    }
     Ok(Some(S3Config {
         endpoint,
         bucket,
         region,
         access_key_id: access,
         secret_access_key: Secret::new(secret),
+        timeout: Duration::from_secs(timeout),
     }))
 }
 
@@ -334,6 +344,30 @@ mod tests {
             (&[(USER_ID, USER), (DRAIN_TIMEOUT_SECS, "soon")], DRAIN_TIMEOUT_SECS),
             (&[(USER_ID, USER), (S3_BUCKET, "b")], S3_SECRET_ACCESS_KEY),
             (&[(USER_ID, USER), (LLM_BASE_URL, "ftp://x")], LLM_BASE_URL),
+            (
+                &[
+                    (USER_ID, USER),
+                    (S3_ENDPOINT, "http://s3"),
+                    (S3_BUCKET, "b"),
+                    (S3_REGION, "r"),
+                    (S3_ACCESS_KEY_ID, "a"),
+                    (S3_SECRET_ACCESS_KEY, "s"),
+                    (S3_TIMEOUT_SECS, "soon"),
+                ],
+                S3_TIMEOUT_SECS,
+            ),
+            (
+                &[
+                    (USER_ID, USER),
+                    (S3_ENDPOINT, "http://s3"),
+                    (S3_BUCKET, "b"),
+                    (S3_REGION, "r"),
+                    (S3_ACCESS_KEY_ID, "a"),
+                    (S3_SECRET_ACCESS_KEY, "s"),
+                    (S3_TIMEOUT_SECS, "0"),
+                ],
+                S3_TIMEOUT_SECS,
+            ),
         ];
         for (vars, name) in cases {
             let message = check(vars).unwrap_err().to_string();
