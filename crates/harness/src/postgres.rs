@@ -28,7 +28,7 @@ pub struct PgCluster {
     bin_dir: PathBuf,
     run_as: Option<String>,
     log_path: PathBuf,
-    _server: ChildGuard,
+    server: ChildGuard,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -98,7 +98,7 @@ impl PgCluster {
             .stdout(Stdio::null())
             .stderr(log);
         let server = ChildGuard::spawn("postgres", &mut command)?.with_stop_signal(Signal::SIGINT);
-        let mut cluster = Self { port, bin_dir, run_as, log_path, _server: server, _temp: None };
+        let mut cluster = Self { port, bin_dir, run_as, log_path, server, _temp: None };
 
         // 3. Wait until it accepts connections; on failure show why.
         if let Err(error) = cluster.wait_ready(Duration::from_secs(30)) {
@@ -111,6 +111,11 @@ impl PgCluster {
     }
 
     /// The loopback port the cluster listens on.
+    /// The server's process id; its backends share its process group.
+    pub fn pid(&self) -> u32 {
+        self.server.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -141,7 +146,7 @@ impl PgCluster {
         let deadline = Instant::now() + timeout;
         let pg_isready = self.bin_dir.join("pg_isready");
         loop {
-            self._server.check_running().context("PostgreSQL did not start")?;
+            self.server.check_running().context("PostgreSQL did not start")?;
             let ready = Command::new(&pg_isready)
                 .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .status()

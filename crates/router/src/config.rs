@@ -45,6 +45,7 @@ pub const ROUTER_UPSTREAM_CONNECT_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_CONNECT_
 pub const ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS";
 pub const ROUTER_H2_MAX_STREAMS: &str = "ROUTER_H2_MAX_STREAMS";
 pub const ROUTER_SHUTDOWN_GRACE_SECS: &str = "ROUTER_SHUTDOWN_GRACE_SECS";
+pub const ROUTER_DATABASE_TIMEOUT_SECS: &str = "ROUTER_DATABASE_TIMEOUT_SECS";
 
 /// Daemon token secrets shorter than this are refused: the HMAC key must not be guessable.
 const MIN_SECRET_LEN: usize = 32;
@@ -81,6 +82,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// PostgreSQL connection URL (user -> machine records).
     pub database_url: String,
+    /// Bound on one database operation, waiting for a connection included.
+    pub database_timeout: Duration,
     pub fly: FlyConfig,
     pub daemon: DaemonConfig,
     pub wake: WakeConfig,
@@ -305,6 +308,7 @@ impl Config {
             dev_mode,
             auth,
             database_url: env.parse(DATABASE_URL, parse_database_url)?,
+            database_timeout: env.parse_or(ROUTER_DATABASE_TIMEOUT_SECS, secs(10), parse_secs)?,
             fly,
             daemon,
             wake,

@@ -102,7 +102,7 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
     // connection is made.
     let template = template::MachineTemplate::load(&config.daemon.template)?;
     template.check()?;
-    let store = store::Store::new(&config.database_url)?;
+    let store = store::Store::new(&config.database_url, config.database_timeout)?;
     store.migrate().await?;
     let fly =
         machines::FlyClient::new(&config.fly.api_url, &config.fly.api_token, &config.fly.app_name)?;

@@ -4,7 +4,7 @@
 use machines::types::MachineState;
 use uuid::Uuid;
 
-use crate::support::{Options, TestEnv, WAKE_TOKEN};
+use crate::support::{Options, TestEnv, ADMIN_TOKEN, WAKE_TOKEN};
 
 /// The daemon's operator routes answer 404 through the router, whatever the method and
 /// spelling, and neither wake nor reach the machine.
@@ -82,4 +82,26 @@ async fn router_405_carries_allow() {
     assert_eq!(response.headers().get("allow").map(|v| v.to_str().ok()), Some(Some("POST")));
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     assert_eq!(body["error"], "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_fails_requests_instead_of_holding_them() {
+    let options = Options { database_timeout_secs: 1, ..Options::default() };
+    let Some(env) = TestEnv::start(options).await else { return };
+    let known = Uuid::new_v4();
+    env.echo(known).await;
+
+    env.freeze_database(true);
+    let ready = env.http.get(format!("{}/readyz", env.base)).send().await;
+    let admin = env.http.get(format!("{}/admin/users", env.base)).bearer_auth(ADMIN_TOKEN);
+    let admin = admin.send().await;
+    // A user whose record the router already read is served without the database.
+    let served = env.get("/echo", &env.token(known)).send().await;
+    env.freeze_database(false);
+
+    assert_eq!(ready.expect("readyz").status(), 503);
+    assert_eq!(admin.expect("admin").status(), 500);
+    assert_eq!(served.expect("known user").status(), 200);
+    let ready = env.http.get(format!("{}/readyz", env.base)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200, "the pool recovers once the database answers");
 }

@@ -38,6 +38,7 @@ pub struct Options {
     pub body_idle_timeout_secs: u64,
     /// Also how long a connection with no open stream is kept.
     pub header_read_timeout_secs: u64,
+    pub database_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -49,6 +50,7 @@ impl Default for Options {
             max_body_bytes: 10 << 20,
             body_idle_timeout_secs: 30,
             header_read_timeout_secs: 30,
+            database_timeout_secs: 10,
         }
     }
 }
@@ -125,6 +127,31 @@ impl TestEnv {
             _pg: pg,
             _state: state,
         })
+    }
+
+    /// Freezes (`true`) or resumes (`false`) PostgreSQL and its backends (each of which is
+    /// a process group of its own): a database that keeps its connections and never answers.
+    pub fn freeze_database(&self, frozen: bool) {
+        use nix::sys::signal::{kill, Signal};
+        let signal = if frozen { Signal::SIGSTOP } else { Signal::SIGCONT };
+        let server = self._pg.pid() as i32;
+        let mut pids = vec![server];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = stat.rsplit_once(')').and_then(|(_, rest)| {
+                rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok())
+            });
+            let pid = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok());
+            if let (Some(pid), Some(parent)) = (pid, parent) {
+                if parent == server {
+                    pids.push(pid);
+                }
+            }
+        }
+        for pid in pids {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
     }
 
     /// A second router replica on the same database and Fly app.
@@ -241,6 +268,7 @@ fn router_vars(
         (config::ROUTER_MAX_BODY_BYTES, options.max_body_bytes.to_string()),
         (config::ROUTER_BODY_IDLE_TIMEOUT_SECS, options.body_idle_timeout_secs.to_string()),
         (config::ROUTER_HEADER_READ_TIMEOUT_SECS, options.header_read_timeout_secs.to_string()),
+        (config::ROUTER_DATABASE_TIMEOUT_SECS, options.database_timeout_secs.to_string()),
         (config::ROUTER_WAKE_TOKEN, WAKE_TOKEN.to_owned()),
         (config::ROUTER_ADMIN_TOKEN, ADMIN_TOKEN.to_owned()),
     ]
