@@ -163,7 +163,13 @@ fn check_h2_answer(
         return Err(upstream_failed(addr, &"the WebSocket accept key does not match"));
     }
     if status.is_success() {
-        return Err(upstream_failed(addr, &format!("answered {status} to a WebSocket upgrade")));
+        // The daemon answered, just not with a WebSocket: say that, not that it failed.
+        return Err(ApiError::upstream(
+            StatusCode::BAD_GATEWAY,
+            "websocket_not_accepted",
+            "this route does not accept WebSockets",
+        )
+        .with_detail(format!("the daemon at {addr} answered {status} to a WebSocket upgrade")));
     }
     Ok(())
 }

@@ -133,6 +133,9 @@ async fn a_websocket_over_http2_echoes_through_the_router() {
     // A daemon route that does not switch protocols opens no tunnel.
     let plain = sender.send_request(connect_to("/echo", &token)).await.expect("CONNECT /echo");
     assert_eq!(plain.status(), StatusCode::BAD_GATEWAY);
+    let body = plain.into_body().collect().await.expect("502 body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("websocket_not_accepted"), "{body}");
 
     let mut response = sender.send_request(connect(&token)).await.expect("extended CONNECT");
     assert_eq!(response.status(), StatusCode::OK);
