@@ -40,6 +40,9 @@ const MANIFEST_SUFFIX: &str = ".json";
 const ARCHIVE_CONTENT_TYPE: &str = "application/zstd";
 /// An upload part's bound, in multiples of the call bound: 8 MiB in 4 x 30 s by default.
 pub const PART_TIMEOUT_FACTOR: u32 = 4;
+/// The client's own bound on any one request; the call bound and the idle bound of downloads
+/// are what stop a call in practice.
+const TRANSFER_CEILING: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,7 +91,7 @@ pub struct Manifest {
 /// One user's snapshots.
 #[derive(Clone)]
 pub struct SnapshotStore {
-    /// No timeout of its own: each call is bounded here, streams by their idle time.
+    /// Bounded here: each call in `bounded`, downloads by their idle time.
     bucket: Box<Bucket>,
     /// For uploads: each part request is bounded by the client.
     uploads: Box<Bucket>,
@@ -121,14 +124,18 @@ impl SnapshotStore {
             None,
         )
         .map_err(|e| StoreError::Client(e.into()))?;
-        let mut bucket =
-            Bucket::new(&config.bucket, region, credentials).map_err(StoreError::Client)?;
-        bucket.set_path_style();
-        // rust-s3's own bound covers a whole request, body included: too short for a large
-        // download, and it is tried twice. Calls are bounded in `bounded` instead.
-        bucket.set_request_timeout(None);
-        let mut uploads = bucket.clone();
-        uploads.set_request_timeout(Some(config.timeout * PART_TIMEOUT_FACTOR));
+        // rust-s3's client bound (60 s unless rebuilt with `with_request_timeout`; setting the
+        // field alone changes nothing) covers a whole request, body included, and a failed
+        // request is tried twice: too short for a large download, too long for a store that
+        // never answers. So calls are bounded in `bounded` and downloads by their idle time,
+        // under a ceiling no real transfer reaches; upload parts keep a client bound.
+        let bucket = Bucket::new(&config.bucket, region, credentials)
+            .map_err(StoreError::Client)?
+            .with_path_style();
+        let uploads = bucket
+            .with_request_timeout(config.timeout * PART_TIMEOUT_FACTOR)
+            .map_err(StoreError::Client)?;
+        let bucket = bucket.with_request_timeout(TRANSFER_CEILING).map_err(StoreError::Client)?;
         Ok(Self {
             bucket,
             uploads,
@@ -198,12 +205,19 @@ impl SnapshotStore {
     pub async fn upload_archive(&self, path: &Path, key: &str) -> Result<u64, StoreError> {
         let mut file = tokio::fs::File::open(path).await.map_err(io("opening", path))?;
         let expected = file.metadata().await.map_err(io("reading", path))?.len();
+        // Each part has its client bound, and the whole upload as long as its parts would
+        // take one after another, which also stops rust-s3 from trying a hung part twice.
         // FIXME: the part bound assumes the parts rust-s3 sends at once share a link fast
         // enough for each to move 8 MiB within it; there is no bound on the upload's idle time.
-        self.uploads
-            .put_object_stream_with_content_type(&mut file, key, ARCHIVE_CONTENT_TYPE)
-            .await
-            .map_err(|source| request("put", key, source))?;
+        let parts = expected.div_ceil(s3::bucket::CHUNK_SIZE as u64).max(1);
+        let part_bound = self.timeout * PART_TIMEOUT_FACTOR;
+        let bound = part_bound.saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX));
+        let put =
+            self.uploads.put_object_stream_with_content_type(&mut file, key, ARCHIVE_CONTENT_TYPE);
+        match tokio::time::timeout(bound, put).await {
+            Ok(result) => result.map_err(|source| request("put", key, source))?,
+            Err(_) => return Err(self.timed_out("put", key, bound)),
+        };
 
         // A multipart upload can report success with an error body; check what is stored.
         let (head, _) = self.bounded("head", key, self.bucket.head_object(key)).await?;
@@ -227,7 +241,7 @@ impl SnapshotStore {
             Some(headers),
         );
         let Ok(result) = tokio::time::timeout(self.timeout, put).await else {
-            return Err(self.timed_out("put", &key));
+            return Err(self.timed_out("put", &key, self.timeout));
         };
         match result {
             Ok(_) => Ok(()),
@@ -255,7 +269,7 @@ impl SnapshotStore {
         let bytes = stream.bytes();
         loop {
             let Ok(next) = tokio::time::timeout(self.timeout, bytes.next()).await else {
-                return Err(self.timed_out("get", key));
+                return Err(self.timed_out("get", key, self.timeout));
             };
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|source| request("get", key, source))?;
@@ -310,16 +324,16 @@ impl SnapshotStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(|source| request(operation, key, source)),
-            Err(_) => Err(self.timed_out(operation, key)),
+            Err(_) => Err(self.timed_out(operation, key, self.timeout)),
         }
     }
 
-    fn timed_out(&self, operation: &'static str, key: &str) -> StoreError {
+    fn timed_out(&self, operation: &'static str, key: &str, after: Duration) -> StoreError {
         StoreError::Timeout {
             operation,
             key: key.to_owned(),
             endpoint: self.endpoint.clone(),
-            after: self.timeout,
+            after,
         }
     }
 }
