@@ -11,7 +11,14 @@
 //!
 //! Unpacking accepts nothing else, and never writes through a link: an entry at or under
 //! a link the archive made is refused, and every file is created new, never opened over
-//! something already there. So an archive cannot place anything outside its root.
+//! something already there. So an archive cannot place anything outside its root. A link
+//! in place of `workspace/` itself (pushes before the push refused one followed it) is
+//! unpacked as a real directory holding the entries archived under it, so such a snapshot
+//! still restores.
+//!
+//! A push leaves out, with a warning each, what under `workspace/` it cannot read: a file
+//! or directory without read permission, or a file that kept changing while it was read
+//! ([`Packed::unreadable`]). Under `cortex/`, the daemon's own state, either fails the push.
 
 mod capture;
 mod digest;
@@ -25,7 +32,10 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
-use crate::layout::{entries_under, Fingerprint, LayoutError, TreeHasher, SNAPSHOT_DIRS};
+use crate::layout::{
+    check_snapshot_dirs, is_permission_denied, may_skip_unreadable, walk_under, Fingerprint,
+    LayoutError, TreeHasher, Walked, SNAPSHOT_DIRS,
+};
 
 const ZSTD_LEVEL: i32 = 3;
 /// Permission bits kept in an archive.
@@ -38,6 +48,8 @@ const LINKS_ALLOWED_UNDER: &str = WORKSPACE;
 const CORTEX_ATTEMPTS: u32 = 5;
 /// Pause before the second try; doubled for each later one.
 const CORTEX_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+/// The mode given to a snapshot directory an archive holds as a link.
+const ROOT_DIR_MODE: u32 = 0o755;
 /// Bytes moved per read and write when unpacking.
 const UNPACK_CHUNK: usize = 1 << 20;
 
@@ -74,6 +86,9 @@ pub struct Packed {
     pub tree_sha256: String,
     /// Entries left out: fifos, sockets, devices, and links under `cortex/`.
     pub skipped: u64,
+    /// Entries under `workspace/` left out because they could not be read: files or
+    /// directories without read permission, and files that kept changing while read.
+    pub unreadable: u64,
 }
 
 /// Writes the archive of `root`'s snapshot directories to `out`. Large files are spooled
@@ -87,6 +102,7 @@ pub struct Packed {
 /// FIXME: `workspace/` is consistent per file, not across files: two files another process
 /// writes while the walk runs can be archived from different moments (each of them whole).
 pub fn pack(root: &Path, out: &Path) -> Result<Packed, ArchiveError> {
+    check_snapshot_dirs(root)?;
     let mut pause = CORTEX_FIRST_PAUSE;
     for attempt in 1..=CORTEX_ATTEMPTS {
         let mut packer = Packer::create(out)?;
@@ -119,18 +135,19 @@ impl Packer<zstd::Encoder<'static, HashingWriter<BufWriter<File>>>> {
             digest: TreeHasher::new(),
             capture: capture::Capture::new(spool_dir),
             skipped: 0,
+            unreadable: 0,
         })
     }
 
     /// Ends the archive, syncs it, and says what was written.
     fn finish(self, out: &Path) -> Result<Packed, ArchiveError> {
-        let Packer { builder, digest, skipped, .. } = self;
+        let Packer { builder, digest, skipped, unreadable, .. } = self;
         let encoder = builder.into_inner().map_err(io_err("writing", out))?;
         let hashing = encoder.finish().map_err(io_err("compressing", out))?;
         let (writer, sha256, size) = hashing.finish();
         let file = writer.into_inner().map_err(|e| io_err("writing", out)(e.into_error()))?;
         file.sync_all().map_err(io_err("syncing", out))?;
-        Ok(Packed { sha256, size, tree_sha256: digest.finish(), skipped })
+        Ok(Packed { sha256, size, tree_sha256: digest.finish(), skipped, unreadable })
     }
 }
 
@@ -139,14 +156,21 @@ struct Packer<W: Write> {
     digest: TreeHasher,
     capture: capture::Capture,
     skipped: u64,
+    unreadable: u64,
 }
 
 impl<W: Write> Packer<W> {
     /// Appends `root/dir` and everything under it, in walk order.
     fn append_dir(&mut self, root: &Path, dir: &str) -> Result<(), ArchiveError> {
-        for entry in entries_under(root, dir) {
-            let (path, relative) = entry?;
-            self.append(&path, &relative)?;
+        for walked in walk_under(root, dir) {
+            match walked? {
+                Walked::Entry { path, relative } => self.append(&path, &relative)?,
+                // Listed as a directory already; what it holds is left out.
+                Walked::Unlistable { relative } => {
+                    warn_unreadable(&relative, "listed");
+                    self.unreadable += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -182,7 +206,22 @@ impl<W: Write> Packer<W> {
     }
 
     fn append_file(&mut self, path: &Path, relative: &Path) -> Result<(), ArchiveError> {
-        let Some(captured) = self.capture.read(path)? else { return Ok(()) };
+        let captured = match self.capture.read(path) {
+            Ok(Some(captured)) => captured,
+            Ok(None) => return Ok(()),
+            Err(e) if may_skip_unreadable(relative) && is_unreadable(&e) => {
+                let what = match e {
+                    ArchiveError::KeptChanging { .. } => "read as one state (it kept changing)",
+                    _ => "read",
+                };
+                warn_unreadable(relative, what);
+                self.unreadable += 1;
+                // As `tree_digest` records a file it cannot open.
+                self.digest.other(relative);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let mode = captured.mode & ARCHIVED_MODE_BITS;
         let mut header = header(EntryType::Regular, mode, captured.len);
         self.digest.begin_file(relative, mode & 0o111 != 0);
@@ -210,6 +249,25 @@ impl<W: Write> Packer<W> {
         let mut header = header(EntryType::Symlink, 0o777, 0);
         self.digest.symlink(relative, &target);
         self.builder.append_link(&mut header, relative, &target).map_err(io_err("archiving", path))
+    }
+}
+
+/// An entry under `workspace/` that cannot be read is left out, so that one such entry
+/// does not stop every snapshot of the volume.
+fn warn_unreadable(relative: &Path, what: &str) {
+    tracing::warn!(
+        path = %relative.display(),
+        "skipping an entry that could not be {what}: the snapshot does not hold it",
+    );
+}
+
+/// Whether `error` from reading one file means that file cannot be snapshotted now,
+/// rather than that the push itself failed.
+fn is_unreadable(error: &ArchiveError) -> bool {
+    match error {
+        ArchiveError::KeptChanging { .. } => true,
+        ArchiveError::Io { action: "opening", source, .. } => is_permission_denied(source),
+        _ => false,
     }
 }
 
@@ -282,6 +340,14 @@ fn unpack_entries(
             & ARCHIVED_MODE_BITS;
         match kind {
             EntryType::Directory => unpacker.dir(&path, mode)?,
+            EntryType::Symlink if path.components().count() == 1 => {
+                tracing::error!(
+                    path = %path.display(),
+                    "the archive holds a link in place of a snapshot directory (an older push \
+                     followed it); restoring what it held as a directory",
+                );
+                unpacker.dir(&path, ROOT_DIR_MODE)?;
+            }
             EntryType::Symlink => {
                 let target = entry.link_name().map_err(io_err("reading the archive for", dest))?;
                 let Some(target) = target.filter(|t| !t.as_os_str().is_empty()) else {

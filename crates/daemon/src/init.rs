@@ -34,9 +34,7 @@ pub async fn init(config: &Config) -> Result<InitOutcome, SnapshotError> {
     // 1. Finish or discard what an interrupted run left behind.
     restore::recover(&data)?;
     let tmp = data.snapshot_tmp();
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(LayoutError::io("removing", &tmp))?;
-    }
+    restore::remove_dir(&tmp)?;
 
     // 2. Restore when the store is ahead of an unchanged volume.
     let mut outcome = None;

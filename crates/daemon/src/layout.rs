@@ -40,6 +40,8 @@ pub enum LayoutError {
     },
     #[error("{path} is not valid: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is not a directory (a symbolic link or another file); snapshots refuse it")]
+    NotADirectory { path: PathBuf },
 }
 
 impl LayoutError {
@@ -181,6 +183,36 @@ impl DataDir {
     }
 }
 
+/// Checks that each snapshot directory of `root` is a real directory or absent: a link in
+/// its place would make a snapshot hold whatever the link points to.
+pub fn check_snapshot_dirs(root: &Path) -> Result<(), LayoutError> {
+    for dir in SNAPSHOT_DIRS {
+        let path = root.join(dir);
+        match fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => {}
+            Ok(_) => return Err(LayoutError::NotADirectory { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LayoutError::io("reading", &path)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Whether an entry at `relative` that cannot be read is left out of snapshots (counted
+/// and warned about) rather than failing them: anything under `workspace/`. `cortex/` is
+/// the daemon's own state and stays strict.
+pub fn may_skip_unreadable(relative: &Path) -> bool {
+    relative.starts_with(SKIPPABLE_DIR)
+}
+
+/// Whether `error` means the caller lacks the permission to read.
+pub fn is_permission_denied(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::PermissionDenied
+}
+
+/// The snapshot directory whose unreadable entries are skipped.
+const SKIPPABLE_DIR: &str = "workspace";
+
 /// A digest of `root/cortex` and `root/workspace`: every path (in walk order, names
 /// sorted), its kind, its executable bit, its contents and, for a symbolic link, its
 /// target. Equal digests mean equal snapshot contents.
@@ -197,8 +229,18 @@ pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
         if file_type.is_dir() {
             digest.dir(&relative);
         } else if file_type.is_file() {
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if is_permission_denied(&e) && may_skip_unreadable(&relative) => {
+                    // As the archive records it: left out.
+                    digest.other(&relative);
+                    continue;
+                }
+                Err(e) => return Err(LayoutError::io("reading", &path)(e)),
+            };
             digest.begin_file(&relative, metadata.permissions().mode() & 0o111 != 0);
-            hash_file(&mut digest, &path)?;
+            hash_file(&mut digest, file, &path)?;
         } else if file_type.is_symlink() {
             let target =
                 fs::read_link(&path).map_err(LayoutError::io("reading the link", &path))?;
@@ -219,13 +261,39 @@ pub fn snapshot_entries(
     SNAPSHOT_DIRS.iter().flat_map(move |dir| entries_under(root, dir))
 }
 
-/// Like [`snapshot_entries`], for the one snapshot directory `dir`.
+/// Like [`snapshot_entries`], for the one snapshot directory `dir`. A directory under
+/// `workspace/` that cannot be listed is walked past (see [`walk_under`]).
 pub fn entries_under<'a>(
     root: &'a Path,
     dir: &str,
 ) -> impl Iterator<Item = Result<(PathBuf, PathBuf), LayoutError>> + 'a {
+    walk_under(root, dir).filter_map(|walked| match walked {
+        Ok(Walked::Entry { path, relative }) => Some(Ok((path, relative))),
+        Ok(Walked::Unlistable { .. }) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+/// One step of [`walk_under`].
+#[derive(Debug)]
+pub enum Walked {
+    /// An entry, as (path, path relative to the root).
+    Entry { path: PathBuf, relative: PathBuf },
+    /// A directory under `workspace/` whose entries could not be listed (no permission):
+    /// it is listed itself, its contents are not.
+    Unlistable { relative: PathBuf },
+}
+
+/// Every entry under `root/dir`, directories before what they hold and names sorted;
+/// nothing when `root/dir` is not a directory (a link in its place is not followed).
+pub fn walk_under<'a>(
+    root: &'a Path,
+    dir: &str,
+) -> impl Iterator<Item = Result<Walked, LayoutError>> + 'a {
     let base = root.join(dir);
-    let walk = base.exists().then(|| walkdir::WalkDir::new(&base).sort_by_file_name());
+    // `lstat`: a link in the directory's place is not walked.
+    let is_dir = fs::symlink_metadata(&base).is_ok_and(|m| m.is_dir());
+    let walk = is_dir.then(|| walkdir::WalkDir::new(&base).sort_by_file_name());
     walk.into_iter().flatten().filter_map(move |entry| {
         let entry = match entry {
             Ok(entry) => entry,
@@ -235,12 +303,17 @@ pub fn entries_under<'a>(
             }
             Err(e) => {
                 let path = e.path().unwrap_or(&base).to_owned();
+                let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
+                if e.io_error().is_some_and(is_permission_denied) && may_skip_unreadable(&relative)
+                {
+                    return Some(Ok(Walked::Unlistable { relative }));
+                }
                 return Some(Err(LayoutError::Io { action: "walking", path, source: e.into() }));
             }
         };
         let path = entry.into_path();
         let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
-        Some(Ok((path, relative)))
+        Some(Ok(Walked::Entry { path, relative }))
     })
 }
 
@@ -310,8 +383,7 @@ impl TreeHasher {
     }
 }
 
-fn hash_file(digest: &mut TreeHasher, path: &Path) -> Result<(), LayoutError> {
-    let mut file = File::open(path).map_err(LayoutError::io("reading", path))?;
+fn hash_file(digest: &mut TreeHasher, mut file: File, path: &Path) -> Result<(), LayoutError> {
     let mut buffer = vec![0; 256 * 1024];
     loop {
         let read = file.read(&mut buffer).map_err(LayoutError::io("reading", path))?;

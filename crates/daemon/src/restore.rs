@@ -164,10 +164,44 @@ fn rename(from: &Path, to: &Path) -> Result<(), LayoutError> {
     std::fs::rename(from, to).map_err(LayoutError::io("renaming", from))
 }
 
-fn remove_dir(path: &Path) -> Result<(), LayoutError> {
+/// Removes a retired or partial tree, whatever modes its directories have: snapshots keep
+/// modes, so a tree can hold read-only directories (a Go module cache makes them), whose
+/// entries a non-root user cannot delete.
+pub fn remove_dir(path: &Path) -> Result<(), LayoutError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(LayoutError::io("removing", path)(e)),
+    }
+    make_dirs_writable(path)?;
     match std::fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(LayoutError::io("removing", path)(e)),
     }
+}
+
+/// Gives the owner `rwx` on `dir` and every directory under it (links are not followed),
+/// each before it is listed.
+fn make_dirs_writable(dir: &Path) -> Result<(), LayoutError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = match std::fs::symlink_metadata(dir) {
+        Ok(metadata) if metadata.is_dir() => metadata,
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(LayoutError::io("reading", dir)(e)),
+    };
+    let mode = metadata.permissions().mode() | 0o700;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(LayoutError::io("setting the mode of", dir))?;
+    let entries = std::fs::read_dir(dir).map_err(LayoutError::io("listing", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(LayoutError::io("listing", dir))?;
+        let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+        if is_dir {
+            make_dirs_writable(&entry.path())?;
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ pub use changes::{Assessment, ChangeCheck, Fingerprint, FULL_CHECK_EVERY};
 
 use crate::archive::{self, ArchiveError};
 use crate::failpoint;
-use crate::layout::{tree_digest, DataDir, LayoutError, State};
+use crate::layout::{check_snapshot_dirs, tree_digest, DataDir, LayoutError, State};
 use crate::store::{Manifest, SnapshotStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,10 @@ pub async fn push_with(
     let state = data.read_state()?.ok_or(SnapshotError::NotInitialised)?;
     let unchanged = Ok(PushOutcome::Unchanged { generation: state.generation });
 
+    // A link in place of `cortex/` or `workspace/` would put what it points to in the
+    // snapshot, and make the snapshot unrestorable: refused before anything is read.
+    check_snapshot_dirs(data.root())?;
+
     // 1. Taken before anything is read, so a change made meanwhile moves it again.
     let root = data.root().to_owned();
     let fingerprint = tokio::task::spawn_blocking(move || Fingerprint::of(&root)).await??;
@@ -110,6 +114,12 @@ pub async fn push_with(
     };
     if packed.skipped > 0 {
         tracing::warn!(skipped = packed.skipped, "snapshot leaves out special files");
+    }
+    if packed.unreadable > 0 {
+        tracing::warn!(
+            unreadable = packed.unreadable,
+            "snapshot leaves out workspace entries it could not read",
+        );
     }
     if state.generation > 0 && packed.tree_sha256 == state.tree_sha256 {
         discard_archive(data, &archive_path);
@@ -147,7 +157,14 @@ pub async fn push_with(
     pending::clear(data)?;
     changes.settle(generation, fingerprint);
     let pruned = store.prune(keep).await?;
-    tracing::debug!(generation, size = packed.size, pruned, "snapshot pushed");
+    tracing::debug!(
+        generation,
+        size = packed.size,
+        skipped = packed.skipped,
+        unreadable = packed.unreadable,
+        pruned,
+        "snapshot pushed",
+    );
     Ok(PushOutcome::Pushed { generation, size: packed.size })
 }
 

@@ -476,3 +476,142 @@ async fn a_push_killed_after_claiming_its_generation_is_recorded_by_the_next_run
     assert_eq!(store.generations().await, [1, 2, 3]);
     assert!(!dir.path().join(".push-pending.json").exists());
 }
+
+/// The uid the daemon runs as in permission tests when the test is root, whom permission
+/// bits do not stop.
+const NOBODY: u32 = 65534;
+
+/// A data directory the daemon can write to when it runs as [`NOBODY`].
+fn nobody_volume() -> (tempfile::TempDir, std::path::PathBuf) {
+    let parent = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = parent.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    give_to_nobody(&data);
+    (parent, data)
+}
+
+/// Gives `path` and everything under it to [`NOBODY`] when the test is root.
+fn give_to_nobody(path: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    for entry in walkdir::WalkDir::new(path) {
+        let entry = entry.unwrap();
+        std::os::unix::fs::lchown(entry.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+}
+
+/// Runs `matrixd args` as [`NOBODY`] when the test is root.
+fn run_as_nobody(args: &[&str], env: &BTreeMap<String, String>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = command(args, env);
+    if nix::unistd::geteuid().is_root() {
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    command.output().unwrap()
+}
+
+fn assert_ok(output: &std::process::Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{what} failed: {}\nstderr: {stderr}", output.status);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_push_of_a_workspace_that_is_a_link_fails_and_uploads_nothing() {
+    let Some(store) = Store::start() else { return };
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env = store.env(dir.path());
+    run_ok(&["init"], &env);
+    std::fs::write(outside.path().join("secret.txt"), "not the volume's").unwrap();
+    let workspace = dir.path().join("workspace");
+    std::fs::rename(&workspace, dir.path().join("w.orig")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &workspace).unwrap();
+
+    let output = run(&["snapshot", "push"], &env);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the push is refused: {stderr}");
+    assert!(stderr.contains(&workspace.display().to_string()), "names the link: {stderr}");
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    assert!(store.generations().await.is_empty(), "nothing was uploaded");
+    let fresh = tempfile::tempdir().unwrap();
+    run_ok(&["init"], &store.env(fresh.path()));
+}
+
+#[tokio::test]
+async fn a_read_only_directory_in_the_workspace_does_not_wedge_restore() {
+    let Some(store) = Store::start() else { return };
+    let ((_source, source), (_target, target)) = (nobody_volume(), nobody_volume());
+    let (source_env, target_env) = (store.env(&source), store.env(&target));
+    assert_ok(&run_as_nobody(&["init"], &source_env), "init");
+    // A Go module cache: read-only directories holding files.
+    let module = source.join("workspace/go/pkg/mod/example.com/m@v1.0.0");
+    std::fs::create_dir_all(&module).unwrap();
+    std::fs::write(module.join("go.mod"), "module m\n").unwrap();
+    give_to_nobody(&source);
+    for dir in [&module, module.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    assert_ok(&run_as_nobody(&["snapshot", "push"], &source_env), "push 1");
+    let out = assert_ok(&run_as_nobody(&["init"], &target_env), "init of the target");
+    assert!(out.contains("restored generation 1"), "{out}");
+
+    std::fs::write(source.join("workspace/notes.md"), "two\n").unwrap();
+    give_to_nobody(&source.join("workspace/notes.md"));
+    assert_ok(&run_as_nobody(&["snapshot", "push"], &source_env), "push 2");
+    // Retires the target's tree, read-only directories and all.
+    let out = assert_ok(&run_as_nobody(&["init"], &target_env), "restore over read-only dirs");
+
+    assert!(out.contains("restored generation 2"), "{out}");
+    assert!(!target.join(".restore").exists(), "the retired tree is gone");
+    assert_eq!(snapshot_tree_hash(&target), snapshot_tree_hash(&source));
+    let out = assert_ok(&run_as_nobody(&["init"], &target_env), "a second init");
+    assert!(out.contains("ready at generation 2"), "{out}");
+}
+
+#[tokio::test]
+async fn an_unreadable_workspace_entry_is_left_out_and_the_push_succeeds() {
+    let Some(store) = Store::start() else { return };
+    let (_source, source) = nobody_volume();
+    let env = store.env(&source);
+    assert_ok(&run_as_nobody(&["init"], &env), "init");
+    let workspace = source.join("workspace");
+    std::fs::write(workspace.join("notes.md"), "kept\n").unwrap();
+    std::fs::write(workspace.join("secret.txt"), "unreadable\n").unwrap();
+    std::fs::create_dir(workspace.join("locked")).unwrap();
+    std::fs::write(workspace.join("locked/inner.txt"), "unlistable\n").unwrap();
+    give_to_nobody(&source);
+    std::fs::set_permissions(workspace.join("secret.txt"), std::fs::Permissions::from_mode(0o000))
+        .unwrap();
+    std::fs::set_permissions(workspace.join("locked"), std::fs::Permissions::from_mode(0o300))
+        .unwrap();
+
+    let output = run_as_nobody(&["snapshot", "push"], &env);
+
+    let out = assert_ok(&output, "push with unreadable entries");
+    assert!(out.contains("generation 1"), "{out}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for skipped in ["workspace/secret.txt", "workspace/locked", "unreadable=2"] {
+        assert!(stderr.contains(skipped), "the push warns of {skipped}: {stderr}");
+    }
+    let out = assert_ok(&run_as_nobody(&["snapshot", "push"], &env), "a second push");
+    assert!(out.contains("unchanged since generation 1"), "digests agree: {out}");
+
+    let fresh = tempfile::tempdir().unwrap();
+    let out = run_ok(&["init"], &store.env(fresh.path()));
+    assert!(out.contains("restored generation 1"), "{out}");
+    let restored = fresh.path().join("workspace");
+    assert_eq!(std::fs::read_to_string(restored.join("notes.md")).unwrap(), "kept\n");
+    assert!(!restored.join("secret.txt").exists());
+    assert!(restored.join("locked").is_dir() && !restored.join("locked/inner.txt").exists());
+
+    // cortex/ is the daemon's own state: an unreadable file there still fails the push.
+    let settings = source.join("cortex/settings.json");
+    std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let output = run_as_nobody(&["snapshot", "push"], &env);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cortex/settings.json"), "{stderr}");
+}

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on an unexpected error")]
 
 use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -414,4 +415,94 @@ fn cortex_is_archived_as_it_was_at_one_moment() {
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     assert!(packed > 0, "some packs found a quiet moment: {packed} packed, {gave_up} not");
+}
+
+#[test]
+fn a_snapshot_directory_that_is_a_link_is_refused_naming_it() {
+    for dir in SNAPSHOT_DIRS {
+        let (root, outside, out) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        tree(root.path());
+        std::fs::write(outside.path().join("secret.txt"), "not the volume's").unwrap();
+        std::fs::rename(root.path().join(dir), root.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join(dir)).unwrap();
+
+        let error = pack(root.path(), &out.path().join("a.tar.zst")).unwrap_err();
+
+        let linked = root.path().join(dir).display().to_string();
+        assert!(error.to_string().contains(&linked), "{dir}: {error}");
+        assert!(error.to_string().contains("not a directory"), "{dir}: {error}");
+    }
+}
+
+#[test]
+fn an_archive_holding_a_linked_workspace_restores_it_as_a_directory() {
+    // What pushes before the refusal made of a `workspace` link: the link, then what it
+    // pointed to under it.
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("old.tar.zst");
+    hostile_archive(
+        &archive,
+        &[
+            ("cortex", EntryType::Directory, ""),
+            ("cortex/settings.json", EntryType::Regular, "{}"),
+            ("workspace", EntryType::Symlink, "/elsewhere"),
+            ("workspace/secret.txt", EntryType::Regular, "kept"),
+        ],
+    );
+    let dest = scratch.path().join("unpacked");
+
+    let digest = unpack(&archive, &dest).unwrap();
+
+    let workspace = dest.join("workspace").symlink_metadata().unwrap();
+    assert!(workspace.is_dir(), "a real directory, not a link");
+    assert_eq!(std::fs::read_to_string(dest.join("workspace/secret.txt")).unwrap(), "kept");
+    assert_eq!(digest, tree_digest(&dest).unwrap());
+}
+
+/// Bytes per write of the busy writer below.
+const BUSY_CHUNK: usize = 4 << 10;
+
+#[test]
+fn a_workspace_file_rewritten_without_pause_does_not_fail_the_push() {
+    let (root, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tree(root.path());
+    let busy = root.path().join("workspace/busy.bin");
+    std::fs::write(&busy, vec![0u8; 4 << 20]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (path, halt) = (busy.clone(), Arc::clone(&stop));
+    // Rewrites the file's head in place and grows it by a byte, as fast as it can: never
+    // the same state twice, and never only appended to.
+    let writer = std::thread::spawn(move || {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut round = 0u8;
+        while !halt.load(Ordering::Relaxed) {
+            round = round.wrapping_add(1);
+            file.write_all_at(&[round; BUSY_CHUNK], 0).unwrap();
+            let len = file.metadata().unwrap().len();
+            file.write_all_at(&[round], len).unwrap();
+        }
+    });
+
+    while std::fs::metadata(&busy).unwrap().len() < (4 << 20) + 100 {
+        std::thread::sleep(Duration::from_millis(1)); // Until the writer is under way.
+    }
+    let packed = pack(root.path(), &out.path().join("a.tar.zst"));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    let packed = packed.expect("one busy workspace file does not stop the push");
+    let dest = out.path().join("unpacked");
+    unpack(&out.path().join("a.tar.zst"), &dest).unwrap();
+    assert!(dest.join("workspace/src/main.rs").is_file(), "the rest is archived");
+    match packed.unreadable {
+        // Left out, and counted.
+        1 => assert!(!dest.join("workspace/busy.bin").exists()),
+        // Read while the writer was descheduled: archived.
+        0 => assert!(dest.join("workspace/busy.bin").is_file()),
+        n => panic!("{n} entries left out; only busy.bin could be"),
+    }
 }
