@@ -251,7 +251,9 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     // 6. Stop the router first (no new wakes), then the machines, then the stores.
     say("stopping: router, machines, S3, PostgreSQL");
     router.stop(Duration::from_secs(10));
-    emulator.stop(Duration::from_secs(20));
+    // Each daemon drains and pushes its last snapshot within its machine's stop grace (30 s
+    // in the template); the emulator waits for them, so it gets longer than that.
+    emulator.stop(Duration::from_secs(40));
     drop(s3);
     drop(lines_tx);
     let _ = printer.join();

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use machines::types::{CreateMachineRequest, MachineConfig, WaitState};
+use machines::types::{CreateMachineRequest, MachineConfig, StopConfig, WaitState};
 use machines::FlyClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -69,6 +69,53 @@ fn sigterm_kills_every_machine_process_and_exits_zero() {
 
     assert_eq!(status.code(), Some(0));
     assert_eq!(processes_with(MARKER_SECONDS), 0, "no machine process outlives the emulator");
+}
+
+#[test]
+fn machines_get_their_stop_signal_and_time_to_drain_when_the_emulator_stops() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let drained = dir.path().join("drained");
+    let script = format!(
+        "trap 'sleep 0.5; echo drained > {}; exit 0' TERM; while true; do sleep 0.1; done",
+        drained.display()
+    );
+    let map = dir.path().join("images.json");
+    let images = serde_json::json!({"images": {"drainer": {"command": ["sh", "-c", script]}}});
+    std::fs::write(&map, images.to_string()).unwrap();
+    let mut child = Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:0", "--image-map"])
+        .arg(&map)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("FLY_API_TOKEN", "binary-token")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("fly-emulator listening on ").unwrap().to_owned();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let fly = FlyClient::new(&url, "binary-token", "app").unwrap();
+        let mut config = MachineConfig { image: "drainer".into(), ..Default::default() };
+        config.stop_config =
+            Some(StopConfig { signal: Some("SIGTERM".into()), timeout: Some("10s".into()) });
+        let machine = fly
+            .create_machine(&CreateMachineRequest { config, ..Default::default() })
+            .await
+            .unwrap();
+        fly.wait_machine(&machine.id, WaitState::Started, None, Duration::from_secs(30))
+            .await
+            .unwrap();
+    });
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let written = std::fs::read_to_string(&drained).unwrap_or_default();
+    assert_eq!(written.trim(), "drained", "the machine drained before the emulator exited");
 }
 
 #[test]

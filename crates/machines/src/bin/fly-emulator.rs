@@ -1,7 +1,8 @@
 //! `fly-emulator`: the Fly Machines API emulator as a program.
 //!
 //! Prints exactly one line, `fly-emulator listening on http://ADDR`, to stdout once it
-//! serves; logs go to stderr. SIGINT or SIGTERM kills every machine process and exits 0.
+//! serves; logs go to stderr. SIGINT or SIGTERM stops every machine process (its stop
+//! signal, then SIGKILL after its grace period) and exits 0.
 
 #[path = "fly-emulator/config.rs"]
 mod config;

@@ -214,8 +214,8 @@ async fn serve(listener: TcpListener, api: Arc<http::Api>, cancel: CancellationT
     }
 }
 
-/// A running emulator. Dropping it (or [`EmulatorHandle::shutdown`]) stops the server and
-/// kills every machine process.
+/// A running emulator. [`EmulatorHandle::shutdown`] stops the server and lets every machine
+/// process drain within its stop grace; dropping it kills them at once.
 #[derive(Debug)]
 pub struct EmulatorHandle {
     address: SocketAddr,
@@ -241,9 +241,11 @@ impl EmulatorHandle {
         self.address
     }
 
-    /// Stops serving, kills every machine process and waits for the server to end.
+    /// Stops serving, stops every machine process (its stop signal, then SIGKILL after its
+    /// grace period, as a host shutting down) and waits for the server to end.
     pub async fn shutdown(mut self) {
-        self.stop();
+        self.cancel.cancel();
+        self.engine.terminate_all().await;
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         }

@@ -210,7 +210,40 @@ impl Engine {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Kills every machine process (SIGKILL to each group); used at shutdown.
+    /// Stops every machine process as a host shutting down would: each gets its machine's
+    /// stop signal (SIGINT unless `stop_config` says otherwise) and its grace period, then
+    /// SIGKILL. The machines' records are left as they are (they come back `stopped`).
+    pub async fn terminate_all(&self) {
+        self.cancel.cancel();
+        let mut stopping = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            let procs: Vec<(String, Proc)> = inner.procs.drain().collect();
+            for group in std::mem::take(&mut inner.retiring) {
+                signal_group(group, Signal::SIGKILL);
+                signal_group(group, Signal::SIGCONT);
+            }
+            for (id, proc) in procs {
+                let configured = inner
+                    .store
+                    .apps
+                    .values()
+                    .find_map(|app| app.machines.get(&id))
+                    .and_then(|record| record.machine.config.stop_config.clone());
+                let (signal, grace) =
+                    transitions::stop_parameters(&StopConfig::default(), configured.as_ref())
+                        .unwrap_or((Signal::SIGINT, DEFAULT_STOP_TIMEOUT));
+                stopping.push((proc, signal, grace));
+            }
+        }
+        let waits = stopping.into_iter().map(|(proc, signal, grace)| {
+            transitions::terminate(proc.group, proc.exited, signal, grace)
+        });
+        futures_util::future::join_all(waits).await;
+    }
+
+    /// Kills every machine process (SIGKILL to each group); used when the emulator is dropped
+    /// without [`crate::emulator::EmulatorHandle::shutdown`].
     pub fn kill_all(&self) {
         self.cancel.cancel();
         let mut inner = lock(&self.inner);
