@@ -478,12 +478,12 @@ fn a_workspace_file_rewritten_without_pause_does_not_fail_the_push() {
     // the same state twice, and never only appended to.
     let writer = std::thread::spawn(move || {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        let mut round = 0u8;
+        let mut round = 0u64;
         while !halt.load(Ordering::Relaxed) {
-            round = round.wrapping_add(1);
-            file.write_all_at(&[round; BUSY_CHUNK], 0).unwrap();
+            round += 1;
+            file.write_all_at(&round.to_le_bytes().repeat(BUSY_CHUNK / 8), 0).unwrap();
             let len = file.metadata().unwrap().len();
-            file.write_all_at(&[round], len).unwrap();
+            file.write_all_at(&[0], len).unwrap();
         }
     });
 
