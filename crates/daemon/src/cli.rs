@@ -188,8 +188,13 @@ fn check_executor_socket(config: &Config) -> Result<(), ConfigError> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,matrixd=info"));
+    // rust-s3 warns on every retry with the store's whole XML answer; the error that ends a
+    // call reaches the log through matrixd's own message. `RUST_LOG=s3=...` still asks for it.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("s3")) {
+        filter = filter.add_directive("s3=error".parse().expect("a static directive"));
+    }
     // Colour only for a person at a terminal: piped logs (the emulator, a log shipper) get
     // plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());

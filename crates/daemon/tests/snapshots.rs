@@ -253,6 +253,7 @@ async fn two_writers_of_one_user_cannot_lose_a_generation() {
     let (winner, loser) = (winners[0], 1 - winners[0]);
     let stderr = String::from_utf8_lossy(&outputs[loser].stderr);
     assert!(stderr.contains("generation 2"), "the loser says why: {stderr}");
+    assert!(!stderr.contains("<?xml"), "no raw store answer in the log: {stderr}");
     assert_eq!(store.generations().await, [1, 2]);
     assert_eq!(state_generation(writers[loser].path()), 1, "the loser did not record a push");
 
