@@ -116,7 +116,12 @@ async fn proxy_to_daemon(
         Ok(response) => response,
         Err(mut e) => {
             // The daemon may have been suspended or moved behind the router's back.
-            if e.status == StatusCode::BAD_GATEWAY || e.status == StatusCode::GATEWAY_TIMEOUT {
+            if matches!(
+                e.status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ) {
                 state.fleet.forget_ready(&target.machine_id);
             }
             // The log names the machine; the client's message stays as it is.

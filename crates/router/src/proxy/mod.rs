@@ -81,7 +81,13 @@ impl Upstream {
         .await
         .map_err(|_| upstream_timeout(addr))?
         .map_err(|e| {
-            ApiError::forwarding(&e, self.limits.max_body_bytes, || upstream_failed(addr, &e))
+            ApiError::forwarding(&e, self.limits.max_body_bytes, || {
+                if e.is_connect() {
+                    upstream_unreachable(addr, &e)
+                } else {
+                    upstream_failed(addr, &e)
+                }
+            })
         })?;
 
         let (mut parts, body) = response.into_parts();
@@ -152,6 +158,19 @@ fn upstream_timeout(addr: SocketAddr) -> ApiError {
         "the user's machine did not answer in time",
     )
     .with_detail(format!("the daemon at {addr} did not answer in time"))
+}
+
+/// Nothing listens at the daemon's address: the machine stopped, crashed or was suspended
+/// behind the router's back. The request never reached it, so the client may simply retry;
+/// the next request wakes the machine again.
+fn upstream_unreachable(addr: SocketAddr, error: &dyn std::fmt::Display) -> ApiError {
+    ApiError::upstream(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "machine_unreachable",
+        "the user's machine is not running; retry to wake it",
+    )
+    .with_retry_after(std::time::Duration::from_secs(1))
+    .with_detail(format!("connecting to the daemon at {addr} failed: {error}"))
 }
 
 fn upstream_failed(addr: SocketAddr, error: &dyn std::fmt::Display) -> ApiError {

@@ -48,7 +48,9 @@ async fn daemon_internal_routes_are_not_forwarded() {
     assert_eq!(env.served(&machine).await, served + 1);
 }
 
-/// A 502 names neither the machine's private address nor the HTTP client's error.
+/// A machine stopped behind the router's back: the request that finds nothing listening
+/// gets 503 with `Retry-After` (it never reached the daemon), naming neither the machine's
+/// private address nor the HTTP client's error, and the retry wakes the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_do_not_leak_addresses() {
     let Some(env) = TestEnv::start(Options::default()).await else { return };
@@ -62,14 +64,20 @@ async fn upstream_failures_do_not_leak_addresses() {
     env.wait_state(&machine.id, MachineState::Stopped).await;
     let response = env.get("/echo", &env.token(user)).send().await.expect("request");
     let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").cloned();
     let body = response.text().await.expect("body");
-    assert!(matches!(status, 502..=504), "{status}: {body}");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
     let message = json["message"].as_str().expect("message");
     assert!(!message.contains(&machine.private_ip), "{message}");
     for internal in ["127.", "client error", "Connect", "hyper", "error trying"] {
         assert!(!message.contains(internal), "{message}");
     }
+
+    let retried = env.get("/echo", &env.token(user)).send().await.expect("retry");
+    assert_eq!(retried.status(), 200);
+    assert!(retried.headers().contains_key("x-matrix-woke-ms"), "the retry woke the machine");
 }
 
 /// The router's own 405s say which methods its route accepts.
