@@ -37,6 +37,7 @@ pub const ROUTER_READY_TIMEOUT_SECS: &str = "ROUTER_READY_TIMEOUT_SECS";
 pub const ROUTER_MAX_PENDING_WAKES: &str = "ROUTER_MAX_PENDING_WAKES";
 pub const ROUTER_WAKE_TOKEN: &str = "ROUTER_WAKE_TOKEN";
 pub const ROUTER_ADMIN_TOKEN: &str = "ROUTER_ADMIN_TOKEN";
+pub const ROUTER_METRICS_TOKEN: &str = "ROUTER_METRICS_TOKEN";
 pub const ROUTER_MAX_BODY_BYTES: &str = "ROUTER_MAX_BODY_BYTES";
 pub const ROUTER_HEADER_READ_TIMEOUT_SECS: &str = "ROUTER_HEADER_READ_TIMEOUT_SECS";
 pub const ROUTER_BODY_IDLE_TIMEOUT_SECS: &str = "ROUTER_BODY_IDLE_TIMEOUT_SECS";
@@ -91,6 +92,8 @@ pub struct Config {
     pub wake_token: Option<String>,
     /// Bearer token for `/admin/users`; the routes are absent when unset.
     pub admin_token: Option<String>,
+    /// Bearer token for `/metrics`; without it the metrics are public.
+    pub metrics_token: Option<String>,
     pub limits: Limits,
     /// On SIGTERM, how long open requests and streams may take to finish before they are cut.
     pub shutdown_grace: Duration,
@@ -314,6 +317,7 @@ impl Config {
             wake,
             wake_token: env.bearer_token(ROUTER_WAKE_TOKEN)?,
             admin_token: env.bearer_token(ROUTER_ADMIN_TOKEN)?,
+            metrics_token: env.bearer_token(ROUTER_METRICS_TOKEN)?,
             limits,
             shutdown_grace: env.parse_or(ROUTER_SHUTDOWN_GRACE_SECS, secs(30), parse_secs)?,
         })

@@ -127,6 +127,7 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
         metrics: metrics.clone(),
         wake_token: config.wake_token.clone(),
         admin_token: config.admin_token.clone(),
+        metrics_token: config.metrics_token.clone(),
         max_body_bytes: config.limits.max_body_bytes,
     });
 

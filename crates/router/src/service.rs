@@ -30,6 +30,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub wake_token: Option<String>,
     pub admin_token: Option<String>,
+    pub metrics_token: Option<String>,
     pub max_body_bytes: u64,
 }
 
@@ -71,7 +72,12 @@ async fn route(
     match (req.method(), path) {
         (&Method::GET, "/healthz") => Ok(ok_json(serde_json::json!({"ok": true}))),
         (&Method::GET, "/readyz") => readyz(state).await,
-        (&Method::GET, "/metrics") => Ok(metrics(state)),
+        (&Method::GET, "/metrics") => {
+            if let Some(expected) = state.metrics_token.as_deref() {
+                require_bearer(req.headers(), expected)?;
+            }
+            Ok(metrics(state))
+        }
         (_, "/internal/wake") => internal_wake(state, req).await,
         (_, p) if p == "/admin/users" || p.starts_with("/admin/users/") => {
             admin::handle(state, req).await

@@ -113,3 +113,23 @@ async fn a_database_that_stops_answering_fails_requests_instead_of_holding_them(
     let ready = env.http.get(format!("{}/readyz", env.base)).send().await.expect("readyz");
     assert_eq!(ready.status(), 200, "the pool recovers once the database answers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_the_metrics_token_when_one_is_set() {
+    let Some(env) = TestEnv::start(Options::default()).await else { return };
+    let open = env.http.get(format!("{}/metrics", env.base)).send().await.expect("metrics");
+    assert_eq!(open.status(), 200, "without a token the metrics are public");
+
+    let mut config = env.config.clone();
+    config.metrics_token = Some("metrics-token-for-tests".into());
+    let router = matrix_router::start(config).await.expect("router with a metrics token");
+    let url = format!("https://{}/metrics", router.addr);
+    let refused = env.http.get(&url).send().await.expect("metrics without the token");
+    assert_eq!(refused.status(), 401);
+    let wrong = env.http.get(&url).bearer_auth(ADMIN_TOKEN).send().await.expect("wrong token");
+    assert_eq!(wrong.status(), 401);
+    let allowed = env.http.get(&url).bearer_auth("metrics-token-for-tests").send().await;
+    let allowed = allowed.expect("metrics with the token");
+    assert_eq!(allowed.status(), 200);
+    assert!(allowed.text().await.expect("text").contains("matrix_router_requests_total"));
+}
