@@ -53,7 +53,10 @@ pub enum StoreError {
         #[source]
         source: S3Error,
     },
-    #[error("S3 request {operation} {key} to {endpoint} got no answer within {}s", .after.as_secs())]
+    #[error(
+        "S3 request {operation} {key} to {endpoint} got no answer within {}s",
+        .after.as_secs()
+    )]
     Timeout { operation: &'static str, key: String, endpoint: String, after: Duration },
     #[error("generation {generation} was already written by another machine")]
     GenerationTaken { generation: u64 },

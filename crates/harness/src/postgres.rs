@@ -29,6 +29,8 @@ pub struct PgCluster {
     run_as: Option<String>,
     log_path: PathBuf,
     server: ChildGuard,
+    /// With TLS on: the server's self-signed certificate (PEM), which clients must trust.
+    tls_cert: Option<PathBuf>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -41,7 +43,18 @@ impl PgCluster {
         let Some(initdb) = tools::require("initdb", INSTALL_HINT) else { return Ok(None) };
         let temp = tempfile::Builder::new().prefix("matrix-pg-").tempdir()?;
         let data = temp.path().join("data");
-        let mut cluster = Self::start_with(&initdb, &data, free_port())?;
+        let mut cluster = Self::start_with(&initdb, &data, free_port(), false)?;
+        cluster._temp = Some(temp);
+        Ok(Some(cluster))
+    }
+
+    /// Like [`Self::start`], with TLS on: the server presents a certificate for
+    /// `localhost` and `127.0.0.1`, self-signed, whose PEM is [`Self::tls_cert`].
+    pub fn start_tls() -> anyhow::Result<Option<Self>> {
+        let Some(initdb) = tools::require("initdb", INSTALL_HINT) else { return Ok(None) };
+        let temp = tempfile::Builder::new().prefix("matrix-pg-").tempdir()?;
+        let data = temp.path().join("data");
+        let mut cluster = Self::start_with(&initdb, &data, free_port(), true)?;
         cluster._temp = Some(temp);
         Ok(Some(cluster))
     }
@@ -51,10 +64,10 @@ impl PgCluster {
     pub fn start_in(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
         let initdb = tools::find("initdb")
             .with_context(|| format!("`initdb` is not installed; {INSTALL_HINT}"))?;
-        Self::start_with(&initdb, data_dir, port)
+        Self::start_with(&initdb, data_dir, port, false)
     }
 
-    fn start_with(initdb: &Path, data: &Path, port: u16) -> anyhow::Result<Self> {
+    fn start_with(initdb: &Path, data: &Path, port: u16, tls: bool) -> anyhow::Result<Self> {
         // Resolve links (`/usr/local/bin/initdb` may point into Debian's versioned
         // directory): the server's other programs live beside the real file.
         let initdb =
@@ -80,6 +93,8 @@ impl PgCluster {
             }
         }
 
+        let tls_cert = if tls { Some(write_server_certificate(data, &run_as)?) } else { None };
+
         // 2. Serve it on loopback only, with its socket in its own directory and its log
         //    beside the data (a pipe nobody reads would block the server once full).
         let log_path = data.with_extension("log");
@@ -97,8 +112,12 @@ impl PgCluster {
             .args(["-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(log);
+        if tls {
+            command.args(["-c", "ssl=on", "-c", "ssl_cert_file=server.crt"]);
+            command.args(["-c", "ssl_key_file=server.key"]);
+        }
         let server = ChildGuard::spawn("postgres", &mut command)?.with_stop_signal(Signal::SIGINT);
-        let mut cluster = Self { port, bin_dir, run_as, log_path, server, _temp: None };
+        let mut cluster = Self { port, bin_dir, run_as, log_path, server, tls_cert, _temp: None };
 
         // 3. Wait until it accepts connections; on failure show why.
         if let Err(error) = cluster.wait_ready(Duration::from_secs(30)) {
@@ -114,6 +133,11 @@ impl PgCluster {
     /// The server's process id; its backends share its process group.
     pub fn pid(&self) -> u32 {
         self.server.id()
+    }
+
+    /// The PEM certificate a client must trust to reach a cluster started with TLS.
+    pub fn tls_cert(&self) -> Option<&Path> {
+        self.tls_cert.as_deref()
     }
 
     pub fn port(&self) -> u16 {
@@ -191,6 +215,25 @@ fn command_as(user: &Option<String>, program: &Path) -> Command {
         }
         None => Command::new(program),
     }
+}
+
+/// Writes `server.crt` and `server.key` (readable by the server's user only, as PostgreSQL
+/// requires) into the data directory, and a copy of the certificate beside it for clients.
+fn write_server_certificate(data: &Path, run_as: &Option<String>) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).context("making a certificate")?;
+    let cert = certified.cert.pem();
+    let key_path = data.join("server.key");
+    std::fs::write(data.join("server.crt"), &cert)?;
+    std::fs::write(&key_path, certified.key_pair.serialize_pem())?;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(user) = run_as {
+        chown_tree_to(user, data)?;
+    }
+    let client_copy = data.with_extension("crt");
+    std::fs::write(&client_copy, cert)?;
+    Ok(client_copy)
 }
 
 fn chown_tree_to(user: &str, dir: &Path) -> anyhow::Result<()> {

@@ -30,4 +30,7 @@ pub enum RolloutError {
 
     #[error("the image {image:?} is not pinned by digest (expected name@sha256:...)")]
     NotPinned { image: String },
+
+    #[error("rollout database: TLS settings")]
+    DatabaseTls(#[source] crate::pg_tls::PgTlsError),
 }

@@ -22,6 +22,7 @@
 mod engine;
 mod error;
 mod outcome;
+pub mod pg_tls;
 mod plan;
 pub mod store;
 

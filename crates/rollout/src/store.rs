@@ -2,6 +2,8 @@
 //! each app should run. Every table is prefixed `rollout_`.
 
 use tokio_postgres::{Client, NoTls, Row};
+
+use crate::pg_tls;
 use uuid::Uuid;
 
 use crate::plan::Plan;
@@ -105,8 +107,6 @@ pub struct Store {
 
 impl Store {
     /// Connects to `url` and brings the schema up to date.
-    ///
-    /// FIXME: plain TCP only; a database reached over an untrusted network needs TLS.
     pub async fn connect(url: &str) -> Result<Self, RolloutError> {
         let mut store = Self::open(url).await?;
         store.migrate().await?;
@@ -143,14 +143,24 @@ impl Store {
         url.parse::<tokio_postgres::Config>().map(drop)
     }
 
+    /// Connects over TLS when the URL's `sslmode` is `require` ([`crate::pg_tls`]), trusting
+    /// the certificates in `PGSSLROOTCERT` too, as libpq does.
     async fn open(url: &str) -> Result<Self, RolloutError> {
-        let (client, connection) =
-            tokio_postgres::connect(url, NoTls).await.map_err(db("connect to the database"))?;
-        let task = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "rollout database connection ended");
+        let config: tokio_postgres::Config = url.parse().map_err(db("read the database URL"))?;
+        let root_cert = std::env::var_os(pg_tls::PGSSLROOTCERT).map(std::path::PathBuf::from);
+        let tls =
+            pg_tls::connector(&config, root_cert.as_deref()).map_err(RolloutError::DatabaseTls)?;
+        let connect = db("connect to the database");
+        let (client, task) = match tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls).await.map_err(connect)?;
+                (client, tokio::spawn(drive(connection)))
             }
-        });
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(connect)?;
+                (client, tokio::spawn(drive(connection)))
+            }
+        };
         Ok(Self { client, schema: false, _connection: task })
     }
 
@@ -375,6 +385,16 @@ fn machine_record(row: &Row) -> MachineRecord {
         status: MachineStatus::parse(row.get(5)),
         new_version: row.get(6),
         detail: row.get(7),
+    }
+}
+
+/// Runs a connection until it ends, saying why when it fails.
+async fn drive<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(error) = connection.await {
+        tracing::warn!(%error, "rollout database connection ended");
     }
 }
 

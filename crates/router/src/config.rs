@@ -47,6 +47,8 @@ pub const ROUTER_UPSTREAM_HEADERS_TIMEOUT_SECS: &str = "ROUTER_UPSTREAM_HEADERS_
 pub const ROUTER_H2_MAX_STREAMS: &str = "ROUTER_H2_MAX_STREAMS";
 pub const ROUTER_SHUTDOWN_GRACE_SECS: &str = "ROUTER_SHUTDOWN_GRACE_SECS";
 pub const ROUTER_DATABASE_TIMEOUT_SECS: &str = "ROUTER_DATABASE_TIMEOUT_SECS";
+/// Extra certificates to trust for the database's TLS (`sslmode=require`), as libpq reads it.
+pub const PGSSLROOTCERT: &str = rollout::pg_tls::PGSSLROOTCERT;
 
 /// Daemon token secrets shorter than this are refused: the HMAC key must not be guessable.
 const MIN_SECRET_LEN: usize = 32;
@@ -85,6 +87,8 @@ pub struct Config {
     pub database_url: String,
     /// Bound on one database operation, waiting for a connection included.
     pub database_timeout: Duration,
+    /// PEM certificates trusted for the database's TLS besides the Mozilla roots.
+    pub database_root_cert: Option<PathBuf>,
     pub fly: FlyConfig,
     pub daemon: DaemonConfig,
     pub wake: WakeConfig,
@@ -312,6 +316,7 @@ impl Config {
             auth,
             database_url: env.parse(DATABASE_URL, parse_database_url)?,
             database_timeout: env.parse_or(ROUTER_DATABASE_TIMEOUT_SECS, secs(10), parse_secs)?,
+            database_root_cert: env.get(PGSSLROOTCERT).map(PathBuf::from),
             fly,
             daemon,
             wake,

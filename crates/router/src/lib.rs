@@ -53,6 +53,7 @@ impl StartError {
         match self {
             StartError::Tls(e) => e.variable(),
             StartError::Template(_) => Some(config::ROUTER_DAEMON_TEMPLATE),
+            StartError::Store(store::StoreError::Tls(_)) => Some(config::PGSSLROOTCERT),
             _ => None,
         }
     }
@@ -102,7 +103,11 @@ pub async fn start(config: Config) -> Result<RunningRouter, StartError> {
     // connection is made.
     let template = template::MachineTemplate::load(&config.daemon.template)?;
     template.check()?;
-    let store = store::Store::new(&config.database_url, config.database_timeout)?;
+    let store = store::Store::new(
+        &config.database_url,
+        config.database_timeout,
+        config.database_root_cert.as_deref(),
+    )?;
     store.migrate().await?;
     let fly =
         machines::FlyClient::new(&config.fly.api_url, &config.fly.api_token, &config.fly.app_name)?;

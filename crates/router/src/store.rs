@@ -41,6 +41,8 @@ pub enum StoreError {
     Query { operation: &'static str, source: tokio_postgres::Error },
     #[error("reading the app's desired image")]
     DesiredImage(#[source] Box<rollout::RolloutError>),
+    #[error("database TLS")]
+    Tls(#[source] rollout::pg_tls::PgTlsError),
     #[error("{operation}: the database did not answer within {timeout:?}")]
     Timeout { operation: &'static str, timeout: Duration },
 }
@@ -85,13 +87,21 @@ impl Store {
     /// A pool for `url`; no connection is made yet. Every operation but the wait for a
     /// user's provisioning lock (which another replica may hold while it provisions) fails
     /// after `timeout`, so a database that stops answering cannot hold requests forever.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+    ///
+    /// The URL's `sslmode=require` connects over TLS only, checking the server's certificate
+    /// against the Mozilla roots and `root_cert` ([`rollout::pg_tls`]).
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        root_cert: Option<&std::path::Path>,
+    ) -> Result<Self, StoreError> {
         let pg_config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let tls = rollout::pg_tls::connector(&pg_config, root_cert).map_err(StoreError::Tls)?;
+        let manager = match tls {
+            Some(tls) => Manager::from_config(pg_config, tls, recycling),
+            None => Manager::from_config(pg_config, NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(timeout))

@@ -4,6 +4,7 @@
 
 mod binary;
 mod bodies;
+mod database_tls;
 mod deploys;
 mod deprovision;
 mod fleet;
