@@ -180,6 +180,14 @@ impl<W: Write> Packer<W> {
             Ok(metadata) => metadata,
             // Removed since the walk listed it: the tree no longer holds it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // In a directory that may be listed but not searched: the name is all there is.
+            Err(e) if is_permission_denied(&e) && may_skip_unreadable(relative) => {
+                warn_unreadable(relative, "read");
+                self.unreadable += 1;
+                // As `tree_digest` records an entry it cannot reach.
+                self.digest.other(relative);
+                return Ok(());
+            }
             Err(e) => return Err(io_err("reading", path)(e)),
         };
         let file_type = metadata.file_type();
@@ -451,9 +459,13 @@ impl<'a> Unpacker<'a> {
         // makes their entries durable.
         self.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (dir, mode) in &self.dirs {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
+            // Opened before its mode is set: the mode may forbid this user to open it (a
+            // directory archived as 0000 or 0300), and the open handle stays usable.
+            let handle = File::open(dir).map_err(io_err("opening", dir))?;
+            handle
+                .set_permissions(std::fs::Permissions::from_mode(*mode))
                 .map_err(io_err("setting the mode of", dir))?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing", dir))?;
+            handle.sync_all().map_err(io_err("syncing", dir))?;
         }
         let dest = self.dest;
         File::open(dest).and_then(|d| d.sync_all()).map_err(io_err("syncing", dest))

@@ -223,6 +223,11 @@ pub fn tree_digest(root: &Path) -> Result<String, LayoutError> {
         let metadata = match fs::symlink_metadata(&path) {
             Ok(metadata) => metadata,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // In a directory that may be listed but not searched, as the archive records it.
+            Err(e) if is_permission_denied(&e) && may_skip_unreadable(&relative) => {
+                digest.other(&relative);
+                continue;
+            }
             Err(e) => return Err(LayoutError::io("reading", &path)(e)),
         };
         let file_type = metadata.file_type();

@@ -583,10 +583,15 @@ async fn an_unreadable_workspace_entry_is_left_out_and_the_push_succeeds() {
     std::fs::write(workspace.join("secret.txt"), "unreadable\n").unwrap();
     std::fs::create_dir(workspace.join("locked")).unwrap();
     std::fs::write(workspace.join("locked/inner.txt"), "unlistable\n").unwrap();
+    // Listable but not searchable: its entries' names can be read, nothing else.
+    std::fs::create_dir(workspace.join("nosearch")).unwrap();
+    std::fs::write(workspace.join("nosearch/inner.txt"), "unreachable\n").unwrap();
     give_to_nobody(&source);
     std::fs::set_permissions(workspace.join("secret.txt"), std::fs::Permissions::from_mode(0o000))
         .unwrap();
     std::fs::set_permissions(workspace.join("locked"), std::fs::Permissions::from_mode(0o300))
+        .unwrap();
+    std::fs::set_permissions(workspace.join("nosearch"), std::fs::Permissions::from_mode(0o600))
         .unwrap();
 
     let output = run_as_nobody(&["snapshot", "push"], &env);
@@ -594,19 +599,23 @@ async fn an_unreadable_workspace_entry_is_left_out_and_the_push_succeeds() {
     let out = assert_ok(&output, "push with unreadable entries");
     assert!(out.contains("generation 1"), "{out}");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for skipped in ["workspace/secret.txt", "workspace/locked", "unreadable=2"] {
+    for skipped in
+        ["workspace/secret.txt", "workspace/locked", "nosearch/inner.txt", "unreadable=3"]
+    {
         assert!(stderr.contains(skipped), "the push warns of {skipped}: {stderr}");
     }
     let out = assert_ok(&run_as_nobody(&["snapshot", "push"], &env), "a second push");
     assert!(out.contains("unchanged since generation 1"), "digests agree: {out}");
 
-    let fresh = tempfile::tempdir().unwrap();
-    let out = run_ok(&["init"], &store.env(fresh.path()));
+    // The daemon's own user restores it, directories it may not enter included.
+    let (_fresh, fresh) = nobody_volume();
+    let out = assert_ok(&run_as_nobody(&["init"], &store.env(&fresh)), "restore as nobody");
     assert!(out.contains("restored generation 1"), "{out}");
-    let restored = fresh.path().join("workspace");
+    let restored = fresh.join("workspace");
     assert_eq!(std::fs::read_to_string(restored.join("notes.md")).unwrap(), "kept\n");
     assert!(!restored.join("secret.txt").exists());
     assert!(restored.join("locked").is_dir() && !restored.join("locked/inner.txt").exists());
+    assert!(restored.join("nosearch").is_dir() && !restored.join("nosearch/inner.txt").exists());
 
     // cortex/ is the daemon's own state: an unreadable file there still fails the push.
     let settings = source.join("cortex/settings.json");

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{entries_under, snapshot_entries, LayoutError};
+use super::{
+    entries_under, is_permission_denied, may_skip_unreadable, snapshot_entries, LayoutError,
+};
 
 /// The metadata digest of some of the snapshot directories, at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,13 @@ impl Fingerprint {
             let metadata = match std::fs::symlink_metadata(&path) {
                 Ok(metadata) => metadata,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Listed in a directory that may not be searched: only its name is known,
+                // and the directory's own mtime moves when names come and go.
+                Err(e) if is_permission_denied(&e) && may_skip_unreadable(&relative) => {
+                    hasher.update(relative.as_os_str().as_encoded_bytes());
+                    hasher.update([1]);
+                    continue;
+                }
                 Err(e) => return Err(LayoutError::io("reading", &path)(e)),
             };
             hasher.update(relative.as_os_str().as_encoded_bytes());
