@@ -52,6 +52,32 @@ pub const MODE: &str = "MATRIX_MODE";
 /// `failpoint.rs`). Unset in production.
 pub const FAILPOINT: &str = "MATRIX_FAILPOINT";
 
+/// Every variable above, checked for text that is not UTF-8 before any is read.
+const VARIABLES: &[&str] = &[
+    LISTEN_ADDR,
+    DATA_DIR,
+    DAEMON_TOKEN,
+    USER_ID,
+    FIREWORKS_API_KEY,
+    TOGETHER_API_KEY,
+    LLM_BASE_URL,
+    LLM_MODEL,
+    S3_ENDPOINT,
+    S3_BUCKET,
+    S3_REGION,
+    S3_ACCESS_KEY_ID,
+    S3_SECRET_ACCESS_KEY,
+    S3_TIMEOUT_SECS,
+    SNAPSHOT_KEEP,
+    SNAPSHOT_INTERVAL_SECS,
+    DRAIN_TIMEOUT_SECS,
+    MODE,
+    FAILPOINT,
+];
+
+/// A day: larger S3 bounds are mistakes, and would overflow the bounds derived from them.
+const MAX_S3_TIMEOUT_SECS: u64 = 86_400;
+
 /// Every S3 variable; snapshots need all or none.
 const S3_VARIABLES: [&str; 5] =
     [S3_ENDPOINT, S3_BUCKET, S3_REGION, S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY];
@@ -149,6 +175,13 @@ pub struct Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
+        // A value that is not UTF-8 is an error, not "unset": an unreadable MATRIX_DATA_DIR
+        // must not fall back to /data.
+        for &name in VARIABLES {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
+                return Err(ConfigError::Malformed { name, reason: "not valid UTF-8".into() });
+            }
+        }
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
@@ -273,8 +306,11 @@ fn s3_config(get: &impl Fn(&str) -> Option<String>) -> Result<Option<S3Config>, 
         return Err(malformed(S3_ENDPOINT, "must start with http:// or https://"));
     }
     let timeout: u64 = parse_or(get, S3_TIMEOUT_SECS, 30)?;
-    if timeout == 0 {
-        return Err(malformed(S3_TIMEOUT_SECS, "must be at least 1"));
+    if !(1..=MAX_S3_TIMEOUT_SECS).contains(&timeout) {
+        return Err(malformed(
+            S3_TIMEOUT_SECS,
+            &format!("must be between 1 and {MAX_S3_TIMEOUT_SECS} seconds"),
+        ));
     }
     Ok(Some(S3Config {
         endpoint,

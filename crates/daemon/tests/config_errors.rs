@@ -77,3 +77,36 @@ fn dual_mode_without_a_token_exits_64_before_starting_children() {
     let output = run(&["dual"], &env);
     assert_config_error(&output, &["MATRIX_DAEMON_TOKEN"], "dual");
 }
+
+#[test]
+fn a_data_dir_that_is_not_utf8_exits_64_instead_of_falling_back_to_the_default() {
+    use std::os::unix::ffi::OsStrExt;
+    let parent = tempfile::tempdir().unwrap();
+    let mut env = base_env(parent.path());
+    env.remove("MATRIX_DATA_DIR");
+    let mut raw = parent.path().as_os_str().as_bytes().to_vec();
+    raw.extend_from_slice(b"/data\xff");
+    let output = command(&["init"], &env)
+        .env("MATRIX_DATA_DIR", std::ffi::OsStr::from_bytes(&raw))
+        .output()
+        .unwrap();
+    assert_config_error(&output, &["MATRIX_DATA_DIR", "UTF-8"], "init");
+}
+
+#[test]
+fn an_s3_timeout_past_a_day_exits_64() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = base_env(data.path());
+    for (name, value) in [
+        ("S3_ENDPOINT", "http://127.0.0.1:9"),
+        ("S3_BUCKET", "b"),
+        ("S3_REGION", "r"),
+        ("S3_ACCESS_KEY_ID", "a"),
+        ("S3_SECRET_ACCESS_KEY", "s"),
+        ("MATRIX_S3_TIMEOUT_SECS", "18446744073709551615"),
+    ] {
+        env.insert(name.into(), value.into());
+    }
+    let output = run(&["init"], &env);
+    assert_config_error(&output, &["MATRIX_S3_TIMEOUT_SECS"], "init");
+}
