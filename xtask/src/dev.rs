@@ -74,10 +74,11 @@ struct Settings {
 impl Settings {
     fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let provider_keys = ["FIREWORKS_API_KEY", "TOGETHER_API_KEY", "MATRIX_LLM_MODEL"]
-            .into_iter()
-            .filter_map(|name| var(name).map(|value| (name, value)))
-            .collect();
+        let provider_keys =
+            ["FIREWORKS_API_KEY", "TOGETHER_API_KEY", "MATRIX_LLM_BASE_URL", "MATRIX_LLM_MODEL"]
+                .into_iter()
+                .filter_map(|name| var(name).map(|value| (name, value)))
+                .collect();
         Self {
             jwt_secret: var("SUPABASE_JWT_SECRET").unwrap_or_else(|| DEFAULT_JWT_SECRET.into()),
             issuer: var("SUPABASE_JWT_ISSUER").unwrap_or_else(|| DEFAULT_ISSUER.into()),
@@ -87,8 +88,12 @@ impl Settings {
         }
     }
 
+    /// A provider key, or a model server of the user's own (`MATRIX_LLM_BASE_URL`): either
+    /// way the daemons do not get the local echo model.
     fn has_provider(&self) -> bool {
-        self.provider_keys.iter().any(|(name, _)| name.ends_with("_API_KEY"))
+        self.provider_keys
+            .iter()
+            .any(|(name, _)| name.ends_with("_API_KEY") || *name == "MATRIX_LLM_BASE_URL")
     }
 }
 
@@ -161,7 +166,8 @@ pub fn run(sh: &Shell, args: Args) -> anyhow::Result<()> {
     if !settings.has_provider() {
         let model = harness::llm::ModelServer::start().context("starting the local model")?;
         say(&format!(
-            "no FIREWORKS_API_KEY or TOGETHER_API_KEY: daemons use the local echo model at {}",
+            "no FIREWORKS_API_KEY, TOGETHER_API_KEY or MATRIX_LLM_BASE_URL: daemons use the \
+             local echo model at {}",
             model.base_url()
         ));
         app_env.insert("MATRIX_LLM_BASE_URL".into(), model.base_url());
@@ -471,4 +477,28 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(provider_keys: Vec<(&'static str, String)>) -> Settings {
+        Settings {
+            jwt_secret: DEFAULT_JWT_SECRET.into(),
+            issuer: DEFAULT_ISSUER.into(),
+            router_addr: DEFAULT_ROUTER_ADDR.into(),
+            database_url: None,
+            provider_keys,
+        }
+    }
+
+    #[test]
+    fn a_key_or_a_model_url_of_ones_own_replaces_the_echo_model() {
+        assert!(!settings(vec![]).has_provider());
+        assert!(!settings(vec![("MATRIX_LLM_MODEL", "m".into())]).has_provider());
+        assert!(settings(vec![("FIREWORKS_API_KEY", "k".into())]).has_provider());
+        let own = settings(vec![("MATRIX_LLM_BASE_URL", "http://127.0.0.1:8000/v1".into())]);
+        assert!(own.has_provider());
+    }
 }
