@@ -104,7 +104,7 @@ async fn run(config: config::Config, images: ImageMap) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
-    tracing::info!("fly-emulator stopping: killing machine processes");
+    tracing::info!("fly-emulator stopping: machines get their stop signal and grace period");
     handle.shutdown().await;
     Ok(())
 }
