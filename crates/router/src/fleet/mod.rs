@@ -278,7 +278,18 @@ impl Fleet {
 }
 
 fn store_failed(e: StoreError) -> ApiError {
-    ApiError::internal(format!("database: {}", error_chain(&e)))
+    let detail = format!("database: {}", error_chain(&e));
+    match e {
+        // A database that does not answer is an outage the client can wait out.
+        StoreError::Timeout { .. } | StoreError::Connect(_) => ApiError::upstream(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the router's database is not answering; retry shortly",
+        )
+        .with_retry_after(Duration::from_secs(2))
+        .with_detail(detail),
+        _ => ApiError::internal(detail),
+    }
 }
 
 /// `error: cause: cause` on one line.
