@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -246,6 +247,15 @@ fn check_data_dir(path: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
         Ok(metadata) if !metadata.is_dir() => {
             return Err(refuse("is not a directory".into()));
+        }
+        // Root working on the daemon's volume (an operator's shell on the machine) would
+        // leave root-owned files the daemon can no longer read or replace.
+        Ok(metadata) if nix::unistd::geteuid().is_root() && metadata.uid() != 0 => {
+            return Err(refuse(format!(
+                "belongs to uid {}: run matrixd as that user, not as root (files root \
+                 writes there would lock the daemon out)",
+                metadata.uid()
+            )));
         }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -110,3 +110,21 @@ fn an_s3_timeout_past_a_day_exits_64() {
     let output = run(&["init"], &env);
     assert_config_error(&output, &["MATRIX_S3_TIMEOUT_SECS"], "init");
 }
+
+#[test]
+fn root_refuses_a_data_dir_that_belongs_to_the_daemons_user() {
+    if !nix::unistd::geteuid().is_root() {
+        // CI runs as root (it installs packages); elsewhere this is said loudly.
+        assert!(std::env::var_os("CI").is_none(), "this test needs root under CI");
+        eprintln!("SKIPPED: only root can be refused here; the test runs as another user");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let env = base_env(data.path());
+    run_ok(&["init"], &env);
+    std::os::unix::fs::chown(data.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let output = run(&["snapshot", "push"], &env);
+
+    assert_config_error(&output, &["MATRIX_DATA_DIR", "65534", "not as root"], "push as root");
+}
