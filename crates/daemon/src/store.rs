@@ -16,9 +16,9 @@
 //!
 //! Every call is bounded, so a store that accepts connections and never answers fails
 //! boot and drain instead of hanging them: a call waits at most [`S3Config::timeout`] for its
-//! answer, a download at most that long for each next piece of the body, and each part of an
-//! upload (at most 8 MiB) at most [`PART_TIMEOUT_FACTOR`] times that, so a large snapshot
-//! on a slow link still moves as long as it keeps moving.
+//! answer, a download at most that long for each next piece of the body, and an upload at
+//! most [`PART_TIMEOUT_FACTOR`] times that for each of its 8 MiB parts, taken together: the
+//! parts go up at once and share the link, so a slow link that keeps moving finishes.
 
 use std::future::Future;
 use std::path::Path;
@@ -96,8 +96,6 @@ pub struct Manifest {
 pub struct SnapshotStore {
     /// Bounded here: each call in `bounded`, downloads by their idle time.
     bucket: Box<Bucket>,
-    /// For uploads: each part request is bounded by the client.
-    uploads: Box<Bucket>,
     /// The endpoint without credentials, for errors.
     endpoint: String,
     timeout: Duration,
@@ -130,18 +128,15 @@ impl SnapshotStore {
         // rust-s3's client bound (60 s unless rebuilt with `with_request_timeout`; setting the
         // field alone changes nothing) covers a whole request, body included, and a failed
         // request is tried twice: too short for a large download, too long for a store that
-        // never answers. So calls are bounded in `bounded` and downloads by their idle time,
-        // under a ceiling no real transfer reaches; upload parts keep a client bound.
+        // never answers. So calls are bounded in `bounded`, downloads by their idle time and
+        // uploads as a whole, under a client ceiling no real transfer reaches.
         let bucket = Bucket::new(&config.bucket, region, credentials)
             .map_err(StoreError::Client)?
-            .with_path_style();
-        let uploads = bucket
-            .with_request_timeout(config.timeout * PART_TIMEOUT_FACTOR)
+            .with_path_style()
+            .with_request_timeout(TRANSFER_CEILING)
             .map_err(StoreError::Client)?;
-        let bucket = bucket.with_request_timeout(TRANSFER_CEILING).map_err(StoreError::Client)?;
         Ok(Self {
             bucket,
-            uploads,
             endpoint: endpoint_for_errors(&config.endpoint),
             timeout: config.timeout,
             prefix: format!("users/{user_id}/snapshots/"),
@@ -208,15 +203,17 @@ impl SnapshotStore {
     pub async fn upload_archive(&self, path: &Path, key: &str) -> Result<u64, StoreError> {
         let mut file = tokio::fs::File::open(path).await.map_err(io("opening", path))?;
         let expected = file.metadata().await.map_err(io("reading", path))?.len();
-        // Each part has its client bound, and the whole upload as long as its parts would
-        // take one after another, which also stops rust-s3 from trying a hung part twice.
-        // FIXME: the part bound assumes the parts rust-s3 sends at once share a link fast
-        // enough for each to move 8 MiB within it; there is no bound on the upload's idle time.
+        // The whole upload may take as long as its parts would one after another at the part
+        // bound: rust-s3 sends them at once, so they share the link, and a per-part bound
+        // failed slow links that kept moving. A hung part is not tried again: the whole
+        // upload ends at the bound.
+        // FIXME: no bound on the upload's idle time; a store that stops answering mid-upload
+        // is found only at the whole bound (parts x PART_TIMEOUT_FACTOR x the timeout).
         let parts = expected.div_ceil(s3::bucket::CHUNK_SIZE as u64).max(1);
         let part_bound = self.timeout * PART_TIMEOUT_FACTOR;
         let bound = part_bound.saturating_mul(u32::try_from(parts).unwrap_or(u32::MAX));
         let put =
-            self.uploads.put_object_stream_with_content_type(&mut file, key, ARCHIVE_CONTENT_TYPE);
+            self.bucket.put_object_stream_with_content_type(&mut file, key, ARCHIVE_CONTENT_TYPE);
         match tokio::time::timeout(bound, put).await {
             Ok(result) => result.map_err(|source| request("put", key, source))?,
             Err(_) => return Err(self.timed_out("put", key, bound)),
