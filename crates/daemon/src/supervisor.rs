@@ -65,6 +65,10 @@ impl Role {
 }
 
 /// Supervises until SIGTERM or SIGINT; returns once both children have exited.
+///
+/// FIXME: the supervisor does not take the data directory's lock itself, only its executor
+/// does: a second `matrixd dual` on a served volume starts a front door that links to the
+/// first supervisor's executor, and the two front doors keep taking the link from each other.
 pub async fn supervise() -> Result<(), SupervisorError> {
     let exe = std::env::current_exe().map_err(SupervisorError::CurrentExe)?;
     let mut roles = Vec::new();
