@@ -63,7 +63,12 @@ pub enum ConfigError {
     Missing { name: &'static str },
     #[error("{name} is malformed: {reason}")]
     Invalid { name: &'static str, reason: String },
+    #[error("{name} is not valid UTF-8")]
+    NotUnicode { name: String },
 }
+
+/// The prefixes and names of the variables the router reads.
+const PREFIXES: &[&str] = &["ROUTER_", "SUPABASE_", "FLY_", "DATABASE_URL", PGSSLROOTCERT];
 
 /// Where the TLS certificate comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +192,13 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
+        // A value that is not UTF-8 would read as unset and quietly take the default.
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if value.to_str().is_none() && PREFIXES.iter().any(|p| name.starts_with(p)) {
+                return Err(ConfigError::NotUnicode { name: name.to_owned() });
+            }
+        }
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 

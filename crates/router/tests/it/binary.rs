@@ -44,6 +44,18 @@ fn bad_configuration_exits_64_naming_the_variable() {
     assert_eq!(code, Some(64));
     assert!(stderr.contains("ROUTER_DAEMON_TOKEN_SECRET is malformed"), "{stderr}");
     assert!(!stderr.contains(secret), "the secret is printed: {stderr}");
+
+    // Not UTF-8: an error, not "unset" (which would mean the self-signed certificate).
+    use std::os::unix::ffi::OsStrExt;
+    let binary = harness::tools::workspace_binary("matrix-router");
+    let output = Command::new(binary)
+        .env_clear()
+        .env("ROUTER_TLS_CERT", std::ffi::OsStr::from_bytes(b"/etc/cert\xff.pem"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("ROUTER_TLS_CERT is not valid UTF-8"), "{stderr}");
 }
 
 /// Configured files that cannot be used (TLS certificate and key, machine template) stop the
