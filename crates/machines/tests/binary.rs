@@ -23,31 +23,40 @@ fn processes_with(argument: &str) -> usize {
         .count()
 }
 
-#[test]
-fn sigterm_kills_every_machine_process_and_exits_zero() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let map = dir.path().join("images.json");
-    let images = serde_json::json!({"images": {"idle": {"command": ["sleep", MARKER_SECONDS]}}});
-    std::fs::write(&map, images.to_string()).unwrap();
-
+/// Starts the emulator with `images` as its image map; returns it and its URL.
+fn start_emulator(
+    dir: &std::path::Path,
+    images: serde_json::Value,
+) -> (std::process::Child, String) {
+    let map = dir.join("images.json");
+    std::fs::write(&map, images.to_string()).expect("writing the image map");
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--image-map"])
         .arg(&map)
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .env("FLY_API_TOKEN", "binary-token")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .expect("starting fly-emulator");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let stdout = child.stdout.take().expect("piped stdout");
+    BufReader::new(stdout).read_line(&mut line).expect("the first line");
     let url = line
         .trim()
         .strip_prefix("fly-emulator listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
+    (child, url)
+}
+
+#[test]
+fn sigterm_kills_every_machine_process_and_exits_zero() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let images = serde_json::json!({"images": {"idle": {"command": ["sleep", MARKER_SECONDS]}}});
+    let (mut child, url) = start_emulator(dir.path(), images);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -76,26 +85,15 @@ fn machines_get_their_stop_signal_and_time_to_drain_when_the_emulator_stops() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let drained = dir.path().join("drained");
+    let ready = dir.path().join("ready");
     let script = format!(
-        "trap 'sleep 0.5; echo drained > {}; exit 0' TERM; while true; do sleep 0.1; done",
-        drained.display()
+        "trap 'sleep 0.5; echo drained > {}; exit 0' TERM; touch {}; \
+         while true; do sleep 0.1; done",
+        drained.display(),
+        ready.display()
     );
-    let map = dir.path().join("images.json");
     let images = serde_json::json!({"images": {"drainer": {"command": ["sh", "-c", script]}}});
-    std::fs::write(&map, images.to_string()).unwrap();
-    let mut child = Command::new(BINARY)
-        .args(["--listen", "127.0.0.1:0", "--image-map"])
-        .arg(&map)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("FLY_API_TOKEN", "binary-token")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("fly-emulator listening on ").unwrap().to_owned();
+    let (mut child, url) = start_emulator(dir.path(), images);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -111,6 +109,12 @@ fn machines_get_their_stop_signal_and_time_to_drain_when_the_emulator_stops() {
             .await
             .unwrap();
     });
+    // `started` comes as the process is spawned; the shell sets its trap a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the machine's script never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
